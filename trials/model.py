@@ -1,0 +1,69 @@
+"""Base model loading and the sequence-classification wrapper used by every trial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny-mamba"
+
+
+def resolve_checkpoint(name: str) -> str:
+    """``embedded`` means the tiny pretrained Mamba shipped with the package; anything else is a local
+    directory or a Hugging Face model id, loaded through the same ``from_pretrained`` path."""
+    return str(EMBEDDED_CHECKPOINT) if name == "embedded" else name
+
+
+def load_base_model(checkpoint: str, use_mambapy: bool = True) -> nn.Module:
+    """Load a Mamba-1 causal LM checkpoint with ``from_pretrained``.
+
+    ``use_mambapy`` selects transformers' parallel-scan torch path; the default sequential loop's backward
+    is O(L^2) on CPU. On a CUDA machine with mamba-ssm installed transformers uses the fused kernels.
+    """
+    from transformers import MambaForCausalLM
+
+    path = resolve_checkpoint(checkpoint)
+    try:
+        model = MambaForCausalLM.from_pretrained(path, use_mambapy=use_mambapy)
+    except OSError as exc:
+        raise FileNotFoundError(f"model.checkpoint: cannot load {checkpoint!r} ({path}): {exc}") from exc
+    return model
+
+
+class SequenceClassifier(nn.Module):
+    """A Mamba backbone with a linear head on the hidden state at the last real position (or their mean).
+
+    Right padding is assumed: with a causal model the last real position has seen the whole example and
+    padded positions after it cannot leak into it.
+    """
+
+    def __init__(self, lm: nn.Module, num_classes: int, pooling: str = "last") -> None:
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"model.pooling: {pooling!r} is not one of 'last', 'mean'")
+        self.lm = lm
+        self.pooling = pooling
+        hidden = lm.config.hidden_size
+        self.head = nn.Linear(hidden, num_classes)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.lm.backbone
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.pooled(ids, lengths)  # [B, D]
+        return self.head(hidden)  # [B, classes]
+
+    def pooled(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        inputs = self.embed(ids)  # [B, L, D]
+        states = self.backbone(inputs_embeds=inputs).last_hidden_state  # [B, L, D]
+        if self.pooling == "last":
+            idx = (lengths - 1).clamp(min=0)
+            return states[torch.arange(states.shape[0]), idx]  # [B, D]
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).to(states.dtype)  # [B, L]
+        return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # [B, D]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embeddings(ids)
