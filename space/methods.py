@@ -1,0 +1,112 @@
+"""The search space of each PEFT method: what space.yaml may say about it, and the concrete config a
+trial receives. One entry per method in ``METHOD_SPACES``; the implementations live in ``trials.methods``.
+
+Every method space has ``enabled`` (true, false or ``search``) plus its hyperparameters, each a constant or
+searchable, and per-method learning-rate and weight-decay multipliers as in the MambaPEFT recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from space.params import SearchFloat, SearchInt, Strict, Suggester, candidates, check_bounds, resolve
+
+Enabled = bool | Literal["search"]
+
+
+def _typed(value: Any, kind: type, field: str) -> Any:
+    for v in candidates(value):
+        ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"choice {v!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
+    return value
+
+
+class MethodSpace(Strict):
+    enabled: Enabled = "search"
+    lr_mult: SearchFloat = 1.0
+    weight_decay_mult: SearchFloat = 1.0
+
+    @field_validator("lr_mult")
+    @classmethod
+    def _lr(cls, v: Any) -> Any:
+        return check_bounds(_typed(v, float, "lr_mult"), gt=0)
+
+    @field_validator("weight_decay_mult")
+    @classmethod
+    def _wd(cls, v: Any) -> Any:
+        return check_bounds(_typed(v, float, "weight_decay_mult"), ge=0)
+
+
+class MethodConfig(Strict):
+    lr_mult: float = 1.0
+    weight_decay_mult: float = 1.0
+
+
+class LoraInProjSpace(MethodSpace):
+    """LoRA on ``mixer.in_proj`` (all 2E output rows): W' = W + scale * B A, B zero-initialised."""
+
+    rank: SearchInt = 4
+    scale: SearchFloat = 1.0
+    weight_decay_mult: SearchFloat = 0.0
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: Any) -> Any:
+        return check_bounds(_typed(v, int, "rank"), ge=1)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: Any) -> Any:
+        return check_bounds(_typed(v, float, "scale"), gt=0)
+
+
+class LoraInProjConfig(MethodConfig):
+    rank: int = 4
+    scale: float = 1.0
+    weight_decay_mult: float = 0.0
+
+
+class ALogDeltaSpace(MethodSpace):
+    """Partial tuning of A: a zero-initialised additive delta on ``mixer.A_log`` [E, N]; its weight decay
+    (amplified by ``weight_decay_mult``) pulls A back toward the pretrained value."""
+
+    weight_decay_mult: SearchFloat = 10.0
+
+
+class ALogDeltaConfig(MethodConfig):
+    weight_decay_mult: float = 10.0
+
+
+METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {
+    "lora_in_proj": (LoraInProjSpace, LoraInProjConfig),
+    "a_log_delta": (ALogDeltaSpace, ALogDeltaConfig),
+}
+
+
+def sample_method(name: str, space: MethodSpace, trial: Suggester) -> MethodConfig | None:
+    """The concrete config of one method for a trial, or None when the trial leaves it off."""
+    on = space.enabled
+    if on == "search":
+        on = trial.suggest_categorical(f"{name}.enabled", [True, False])
+    if not on:
+        return None
+    values = {
+        field: resolve(getattr(space, field), f"{name}.{field}", trial)
+        for field in type(space).model_fields
+        if field != "enabled"
+    }
+    return METHOD_SPACES[name][1](**values)
+
+
+def method_config(name: str, values: dict[str, Any]) -> MethodConfig:
+    if name not in METHOD_SPACES:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(METHOD_SPACES)}")
+    return METHOD_SPACES[name][1](**values)
+
+
+__all__ = ["METHOD_SPACES", "MethodConfig", "MethodSpace", "method_config", "sample_method"]

@@ -1,0 +1,124 @@
+"""Apply a combination of methods to a Hugging Face Mamba model, count, merge, save and load it.
+
+    lm = MambaForCausalLM.from_pretrained(path)
+    applied = apply_methods(lm, {"lora_in_proj": LoraInProjConfig(rank=4), "a_log_delta": ALogDeltaConfig()})
+    applied.param_groups(lr=1e-3, weight_decay=1e-4)   # per-method lr / weight-decay multipliers
+    merge_methods(lm)                                   # fold every mergeable method into the weights
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from space.methods import MethodConfig, method_config
+from trials.methods.base import MethodError, ModelDims
+from trials.methods.registry import APPLY_ORDER, REGISTRY
+
+
+@dataclass
+class AppliedMethods:
+    """What ``apply_methods`` added: the trainable tensors of each method and its config."""
+
+    configs: dict[str, MethodConfig]
+    params: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+
+    def num_params(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in ps) for name, ps in self.params.items()}
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """One optimiser group per method, scaled by its ``lr_mult`` and ``weight_decay_mult``."""
+        return [{"params": ps, "lr": lr * self.configs[name].lr_mult,
+                 "weight_decay": weight_decay * self.configs[name].weight_decay_mult, "name": name}
+                for name, ps in self.params.items() if ps]
+
+
+def _check_names(methods: Mapping[str, Any]) -> None:
+    unknown = [n for n in methods if n not in REGISTRY]
+    if unknown:
+        raise MethodError(f"unknown method(s) {unknown}; implemented: {list(REGISTRY)}")
+
+
+def count_params(methods: Mapping[str, MethodConfig], dims: ModelDims) -> dict[str, int]:
+    """Closed-form trainable parameters per method, from the configs and model sizes alone."""
+    _check_names(methods)
+    return {name: REGISTRY[name].count(methods[name], dims) for name in APPLY_ORDER if name in methods}
+
+
+def apply_methods(lm: nn.Module, methods: Mapping[str, MethodConfig], freeze: bool = True) -> AppliedMethods:
+    """Freeze ``lm`` (unless ``freeze=False``) and add each method in registry order.
+
+    The measured count of every method must equal its closed form; a mismatch is a bug and raises.
+    """
+    _check_names(methods)
+    if freeze:
+        for p in lm.parameters():
+            p.requires_grad_(False)
+    applied = AppliedMethods(configs=dict(methods))
+    dims = ModelDims.from_config(lm.config)
+    for name in APPLY_ORDER:
+        if name not in methods:
+            continue
+        params = REGISTRY[name].apply(lm, methods[name])
+        for p in params:
+            p.requires_grad_(True)
+        applied.params[name] = params
+        measured, formula = sum(p.numel() for p in params), REGISTRY[name].count(methods[name], dims)
+        if measured != formula:
+            raise MethodError(f"{name}: {measured} parameters added, closed form says {formula}")
+    return applied
+
+
+def merge_methods(lm: nn.Module) -> None:
+    """Fold every parametrisation into the tensor it adapts; ``lm`` becomes a plain HF Mamba model."""
+    for module in list(lm.modules()):
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+
+
+def adapter_state(lm: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the methods added, by their module path (the frozen originals are not included)."""
+    return {name: p.detach().clone() for name, p in lm.named_parameters()
+            if ".parametrizations." in name and not name.endswith(".original")}
+
+
+def save_adapters(lm: nn.Module, methods: Mapping[str, MethodConfig], out: Path,
+                  extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write ``adapter.safetensors`` (method tensors plus ``extra``, e.g. a task head) and ``adapter.json``."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state(lm)
+    tensors.update({f"extra.{k}": v.detach().clone().contiguous() for k, v in (extra or {}).items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter.safetensors"))
+    spec = {"methods": {n: c.model_dump() for n, c in methods.items()}}
+    (out / "adapter.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def load_adapters(lm: nn.Module, path: Path) -> tuple[AppliedMethods, dict[str, torch.Tensor]]:
+    """Apply the saved spec to ``lm`` (a fresh copy of the same base model) and load the saved tensors.
+
+    Returns the applied methods and the ``extra`` tensors (such as a task head)."""
+    from safetensors.torch import load_file
+
+    spec = json.loads((path / "adapter.json").read_text())
+    methods = {name: method_config(name, values) for name, values in spec["methods"].items()}
+    applied = apply_methods(lm, methods)
+    tensors = load_file(str(path / "adapter.safetensors"))
+    own = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+    expected = set(adapter_state(lm))
+    if set(own) != expected:
+        raise MethodError(f"{path}: saved tensors {sorted(set(own) ^ expected)} do not match the spec")
+    current = dict(lm.named_parameters())
+    with torch.no_grad():
+        for k, v in own.items():
+            current[k].copy_(v)
+    return applied, {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}

@@ -1,0 +1,203 @@
+"""One trial, top to bottom: load the data and the base model, apply the PEFT combination, train, evaluate.
+
+No Ray and no MLflow here: progress goes to the ``report`` callable the caller injects (the search hands in
+Ray Tune's reporter; tests hand in a list's ``append``).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from space.config import TrialConfig
+from trials.data import Split, TaskData
+from trials.methods import AppliedMethods, ModelDims, apply_methods, count_params
+from trials.model import SequenceClassifier, load_base_model
+from trials.tasks import load_task
+
+Report = Callable[[dict[str, Any]], None]
+
+# Key of the final report; reports without it are intermediate (a stopped trial never sends it).
+FINISHED = "finished"
+
+
+@dataclass
+class TrialResult:
+    val_accuracy: float
+    test_accuracy: float
+    trainable_params: int
+    trainable_pct: float
+    method_params: dict[str, int]
+    train_seconds: float
+    peak_memory_mb: float
+    steps_done: int
+    status: str = "finished"
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("curve")
+        out.pop("method_params")
+        out.update({f"params_{k}": v for k, v in self.method_params.items()})
+        return out
+
+
+@dataclass
+class BuiltTrial:
+    model: SequenceClassifier
+    applied: AppliedMethods
+    data: TaskData
+    trainable_params: int
+    total_params: int
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def head_params(dims: ModelDims, num_classes: int) -> int:
+    return dims.D * num_classes + num_classes
+
+
+def expected_trainable(cfg: TrialConfig, dims: ModelDims, num_classes: int) -> int:
+    """Closed-form trainable count of a trial (methods plus the task head), known before building it."""
+    return sum(count_params(cfg.methods, dims).values()) + head_params(dims, num_classes)
+
+
+def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | torch.device = "cpu") -> BuiltTrial:
+    quiet_transformers()
+    torch.manual_seed(cfg.seed)
+    data = data or load_task(cfg.task, cfg.model)
+    lm = load_base_model(cfg.model.checkpoint, use_mambapy=cfg.model.use_mambapy)
+    if data.max_token_id() >= lm.config.vocab_size:
+        raise ValueError(f"task {data.name!r} uses token id {data.max_token_id()} but model.checkpoint "
+                         f"{cfg.model.checkpoint!r} has vocab_size {lm.config.vocab_size}")
+    model = SequenceClassifier(lm, data.num_classes, cfg.model.pooling)
+    applied = apply_methods(lm, cfg.methods)  # freezes lm, then adds the methods' tensors
+    model.to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = expected_trainable(cfg, ModelDims.from_config(lm.config), data.num_classes)
+    if trainable != expected:
+        raise RuntimeError(f"measured trainable parameters {trainable} != closed form {expected}")
+    total = sum(p.numel() for p in model.parameters())
+    return BuiltTrial(model, applied, data, trainable, total)
+
+
+def make_optimizer(built: BuiltTrial, cfg: TrialConfig) -> torch.optim.Optimizer:
+    t = cfg.training
+    groups = built.applied.param_groups(t.learning_rate, t.weight_decay)
+    groups.append({"params": list(built.model.head.parameters()), "lr": t.learning_rate * t.head_lr_mult,
+                   "weight_decay": t.weight_decay, "name": "head"})
+    return torch.optim.AdamW(groups, lr=t.learning_rate)
+
+
+def warmup_cosine(steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(round(steps * warmup_fraction)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str | torch.device = "cpu") -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(split), batch_size):
+        ids = split.ids[i : i + batch_size].to(device)
+        lengths = split.lengths[i : i + batch_size].to(device)
+        ids = ids[:, : int(lengths.max())]  # drop all-padding columns
+        logits = model(ids, lengths)
+        correct += int((logits.argmax(-1).cpu() == split.labels[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(split))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def batches(split: Split, batch_size: int, generator: torch.Generator):
+    """Endless shuffled mini-batches, reshuffled every epoch."""
+    n = len(split)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - (n % batch_size if n > batch_size else 0), batch_size):
+            rows = order[i : i + batch_size]
+            lengths = split.lengths[rows]
+            yield split.ids[rows, : int(lengths.max())], lengths, split.labels[rows]
+
+
+def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | None = None,
+              data: TaskData | None = None, built: BuiltTrial | None = None) -> TrialResult:
+    """Train ``cfg`` for ``steps`` (default: the search budget ``cfg.training.steps``) and evaluate it.
+
+    ``report`` receives ``val_accuracy`` every ``eval_every`` steps, then a last report with every metric and
+    ``finished: True``.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    built = built or build_trial(cfg, data, device)
+    model, t = built.model, cfg.training
+    steps = steps or t.steps
+    opt = make_optimizer(built, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, t.warmup_fraction))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    it = batches(built.data.train, t.batch_size, gen)
+    curve: list[dict[str, float]] = []
+    model.train()
+    t0 = time.perf_counter()
+    train_seconds = 0.0
+    val_acc = 0.0
+    loss_sum, loss_n = 0.0, 0
+    for step in range(1, steps + 1):
+        ids, lengths, labels = next(it)
+        logits = model(ids.to(device), lengths.to(device))  # [B, classes]
+        loss = nn.functional.cross_entropy(logits, labels.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step} (learning rate too high?)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_(trainable, t.grad_clip)
+        opt.step()
+        sched.step()
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        if step % t.eval_every == 0 or step == steps:
+            train_seconds += time.perf_counter() - t0
+            val_acc = evaluate(model, built.data.val, device=device)
+            point = {"step": step, "val_accuracy": val_acc, "train_loss": loss_sum / loss_n}
+            curve.append(point)
+            loss_sum, loss_n = 0.0, 0
+            if report is not None and step != steps:
+                report({**point, "trainable_params": built.trainable_params, FINISHED: False})
+            t0 = time.perf_counter()
+    test_acc = evaluate(model, built.data.test, device=device)
+    result = TrialResult(
+        val_accuracy=val_acc, test_accuracy=test_acc, trainable_params=built.trainable_params,
+        trainable_pct=100.0 * built.trainable_params / built.total_params,
+        method_params=built.applied.num_params(), train_seconds=train_seconds,
+        peak_memory_mb=peak_memory_mb(device), steps_done=steps, curve=curve)
+    if report is not None:
+        report({**result.metrics(), "step": steps, "train_loss": curve[-1]["train_loss"], FINISHED: True})
+    return result

@@ -1,0 +1,50 @@
+"""Load the task a TrialConfig names, with the tokenizer that fits the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from space.config import ModelSpec, TaskSpec
+from trials.data import (
+    ByteTokenizer,
+    DataError,
+    HFTokenizer,
+    TaskData,
+    Tokenizer,
+    load_digits_task,
+    load_hf_task,
+    load_pydoc_task,
+    load_table_task,
+)
+from trials.model import resolve_checkpoint
+
+
+def make_tokenizer(model: ModelSpec) -> Tokenizer:
+    """``auto``: the checkpoint's own tokenizer when its directory has one, else the byte tokenizer."""
+    if model.tokenizer == "bytes":
+        return ByteTokenizer()
+    source = resolve_checkpoint(model.checkpoint) if model.tokenizer == "auto" else model.tokenizer
+    if model.tokenizer == "auto":
+        local = Path(source)
+        has_files = local.is_dir() and any((local / f).exists() for f in (
+            "tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+        if not has_files:
+            return ByteTokenizer()
+    try:
+        return HFTokenizer(source)
+    except Exception as exc:
+        raise DataError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {exc}") from exc
+
+
+def load_task(task: TaskSpec, model: ModelSpec) -> TaskData:
+    if task.name == "digits":
+        return load_digits_task(task.split_seed, task.shots_per_class)
+    tok = make_tokenizer(model)
+    if task.name == "pydoc_topics":
+        return load_pydoc_task(task.split_seed, task.shots_per_class, tokenizer=tok)
+    if task.name in ("csv", "jsonl"):
+        return load_table_task(task.name, dict(task.files), task.text_column, task.label_column, tok,
+                               task.max_length, task.split_seed)
+    assert task.hf_dataset is not None  # checked when the space was validated
+    return load_hf_task(task.hf_dataset, task.hf_config, task.text_column, task.label_column, tok,
+                        task.max_length, dict(task.hf_splits))
