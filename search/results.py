@@ -9,6 +9,7 @@ hyperparameters as params, metrics with their curves, and ``trial_config.yaml`` 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ class ResultsError(LookupError):
 
 
 def client(tracking_uri: str):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     if tracking_uri.startswith("sqlite:///"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -43,12 +44,16 @@ def make_sampler(space: SearchSpace):
     if space.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # Multivariate TPE with the constant liar: suited to conditional spaces and parallel suggestions.
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                      n_startup_trials=min(10, max(2, space.search.num_trials // 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is experimental
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=min(10, max(2, space.search.num_trials // 3)))
 
 
 def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> FinalResultOptunaSearch:
     import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     return FinalResultOptunaSearch(
         space=DefineByRun(space), metric=[o.metric for o in space.objectives],

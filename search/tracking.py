@@ -43,7 +43,10 @@ class SearchRun:
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
+        if exp is None and tracking_uri.startswith(("http://", "https://")):
+            # A tracking server stores (or proxies) artifacts itself, where every client can read them.
+            self.experiment_id = self.client.create_experiment(experiment)
+        elif exp is None:
             artifact_root.mkdir(parents=True, exist_ok=True)
             self.experiment_id = self.client.create_experiment(experiment,
                                                                artifact_location=artifact_root.resolve().as_uri())

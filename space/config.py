@@ -176,15 +176,17 @@ class SearchSpace(Strict):
 
 
 class TrainingConfig(Strict):
-    steps: int
-    final_steps: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    warmup_fraction: float
-    eval_every: int
-    head_lr_mult: float
-    grad_clip: float
+    """The concrete training settings of one trial (defaults as in TrainingSpace)."""
+
+    steps: int = Field(default=120, ge=1)
+    final_steps: int = Field(default=400, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
+    eval_every: int = Field(default=30, ge=1)
+    head_lr_mult: float = Field(default=1.0, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)
 
 
 class TrialConfig(Strict):
@@ -192,8 +194,8 @@ class TrialConfig(Strict):
 
     model: ModelSpec
     task: TaskSpec
-    methods: dict[str, SerializeAsAny[MethodConfig]]
-    training: TrainingConfig
+    methods: dict[str, SerializeAsAny[MethodConfig]] = Field(default_factory=dict)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     seed: int = 0
 
     @field_validator("methods", mode="before")
@@ -208,6 +210,8 @@ class TrialConfig(Strict):
                     out[name] = method_config(name, dict(values or {}))
                 except KeyError as exc:
                     raise ValueError(str(exc.args[0])) from None
+                except ValidationError as exc:
+                    raise ValueError(_format_errors(exc, prefix=name).split("\n")[0]) from None
         return out
 
     def to_yaml(self) -> str:

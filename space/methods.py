@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from space.params import SearchFloat, SearchInt, Strict, Suggester, candidates, check_bounds, resolve
 
@@ -43,8 +43,8 @@ class MethodSpace(Strict):
 
 
 class MethodConfig(Strict):
-    lr_mult: float = 1.0
-    weight_decay_mult: float = 1.0
+    lr_mult: float = Field(default=1.0, gt=0)
+    weight_decay_mult: float = Field(default=1.0, ge=0)
 
 
 class LoraInProjSpace(MethodSpace):
@@ -66,9 +66,9 @@ class LoraInProjSpace(MethodSpace):
 
 
 class LoraInProjConfig(MethodConfig):
-    rank: int = 4
-    scale: float = 1.0
-    weight_decay_mult: float = 0.0
+    rank: int = Field(default=4, ge=1)
+    scale: float = Field(default=1.0, gt=0)
+    weight_decay_mult: float = Field(default=0.0, ge=0)
 
 
 class ALogDeltaSpace(MethodSpace):
@@ -79,7 +79,7 @@ class ALogDeltaSpace(MethodSpace):
 
 
 class ALogDeltaConfig(MethodConfig):
-    weight_decay_mult: float = 10.0
+    weight_decay_mult: float = Field(default=10.0, ge=0)
 
 
 METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {

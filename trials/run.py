@@ -63,6 +63,7 @@ def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def head_params(dims: ModelDims, num_classes: int) -> int:
@@ -96,8 +97,14 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
 def make_optimizer(built: BuiltTrial, cfg: TrialConfig) -> torch.optim.Optimizer:
     t = cfg.training
     groups = built.applied.param_groups(t.learning_rate, t.weight_decay)
-    groups.append({"params": list(built.model.head.parameters()), "lr": t.learning_rate * t.head_lr_mult,
-                   "weight_decay": t.weight_decay, "name": "head"})
+    head = list(built.model.head.parameters())
+    groups.append({"params": head, "lr": t.learning_rate * t.head_lr_mult, "weight_decay": t.weight_decay,
+                   "name": "head"})
+    # Anything else left trainable (a baseline that unfreezes the backbone) trains at the base rates.
+    covered = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in built.model.parameters() if p.requires_grad and id(p) not in covered]
+    if rest:
+        groups.append({"params": rest, "lr": t.learning_rate, "weight_decay": t.weight_decay, "name": "base"})
     return torch.optim.AdamW(groups, lr=t.learning_rate)
 
 

@@ -1,0 +1,57 @@
+"""Export a trial's full config from a finished search: ``python -m search.export [-o best.yaml]``.
+
+By default it takes the latest search in the experiment and its most accurate trial on the Pareto front
+(finished trials only). ``--search RUN_ID`` picks another search, ``--run RUN_ID`` a specific trial.
+The output is the trial config that ``python -m trials.train`` trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from search import results
+from space.config import SpaceError, TrialConfig
+
+
+def export(tracking_uri: str, experiment: str, search_run: str | None = None, run: str | None = None
+           ) -> tuple[str, TrialConfig]:
+    """The chosen trial's run id and config."""
+    c = results.client(tracking_uri)
+    if run is None:
+        info = results.search_info(c, experiment, search_run)
+        front = results.pareto(results.trials(c, experiment, info["run_id"]), list(info["objectives"]))
+        if front.empty:
+            raise results.ResultsError(f"search {info['name']} ({info['run_id']}) has no finished trials")
+        best = front.sort_values("val_accuracy", ascending=False, kind="stable").iloc[0]
+        run = str(best["run_id"])
+    text = results.trial_config_text(c, run)
+    try:
+        return run, TrialConfig.from_yaml(text, where=f"run {run} {results.CONFIG_ARTIFACT}")
+    except SpaceError as exc:
+        raise results.ResultsError(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m search.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", results.DEFAULT_TRACKING_URI))
+    p.add_argument("--experiment", default=results.DEFAULT_EXPERIMENT)
+    p.add_argument("--search", help="the search's MLflow run id (default: the latest search)")
+    p.add_argument("--run", help="a trial's MLflow run id (default: the most accurate Pareto trial)")
+    p.add_argument("-o", "--out", type=Path, default=Path("best.yaml"))
+    a = p.parse_args(argv)
+    try:
+        run, cfg = export(a.tracking_uri, a.experiment, a.search, a.run)
+    except results.ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    a.out.write_text(f"# exported from MLflow run {run} ({a.tracking_uri})\n" + cfg.to_yaml())
+    print(f"wrote {a.out}: {cfg.summary()} (run {run}); train it with `python -m trials.train {a.out}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

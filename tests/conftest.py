@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random Mamba for fast method checks, and small trial configs on the embedded model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture
+def tiny_lm():
+    """A randomly initialised Mamba-1 small enough for exhaustive checks (D=16, E=32, N=4, 2 layers)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from trials.run import quiet_transformers
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=40, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
+                      use_mambapy=True)
+    return MambaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_ids():
+    return torch.randint(3, 40, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def small_trial_yaml(methods: str = "lora_in_proj: {rank: 2}\n  a_log_delta: {}", steps: int = 6,
+                     eval_every: int = 3, checkpoint: str = "embedded") -> str:
+    return f"""
+model: {{checkpoint: {checkpoint}}}
+task: {{name: digits, shots_per_class: 2}}
+methods:
+  {methods}
+training: {{steps: {steps}, final_steps: {steps}, batch_size: 8, learning_rate: 0.005, weight_decay: 0.0001,
+  warmup_fraction: 0.1, eval_every: {eval_every}, head_lr_mult: 1.0, grad_clip: 1.0}}
+seed: 0
+"""
+
+
+@pytest.fixture
+def small_trial():
+    from space.config import TrialConfig
+
+    return TrialConfig.from_yaml(small_trial_yaml())

@@ -1,0 +1,162 @@
+"""The method matrix: every method and every combination the registry allows goes through the same checks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import MambaForCausalLM
+
+from space.methods import METHOD_SPACES, ALogDeltaConfig, LoraInProjConfig
+from trials.methods import (
+    REGISTRY,
+    MethodError,
+    ModelDims,
+    apply_methods,
+    count_params,
+    load_adapters,
+    merge_methods,
+    save_adapters,
+)
+
+CONFIGS = {"lora_in_proj": LoraInProjConfig(rank=3, scale=0.7), "a_log_delta": ALogDeltaConfig()}
+COMBOS = [combo for n in range(1, len(CONFIGS) + 1) for combo in itertools.combinations(sorted(CONFIGS), n)]
+
+
+def ids(combo) -> str:
+    return "+".join(combo)
+
+
+def perturb(applied) -> None:
+    """Move every method tensor off its init so no gradient is zero by construction (LoRA's B = 0)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for ps in applied.params.values():
+            for p in ps:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_every_registered_method_has_a_search_space_and_vice_versa():
+    assert set(REGISTRY) == set(METHOD_SPACES) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=ids)
+def test_measured_count_equals_closed_form_and_combined_count_is_the_sum(tiny_lm, combo):
+    methods = {n: CONFIGS[n] for n in combo}
+    applied = apply_methods(tiny_lm, methods)
+    trainable = sum(p.numel() for p in tiny_lm.parameters() if p.requires_grad)
+    formula = count_params(methods, ModelDims.from_config(tiny_lm.config))
+    assert trainable == sum(formula.values())
+    assert applied.num_params() == formula
+
+
+def test_closed_forms_reproduce_the_reference_per_layer_counts():
+    # peft-methods.md: LoRA(in_proj) r32 on Vim-S (D=384, E=768): r(D+2E) = 61,440 per layer, 1,475K over 24;
+    # A-tuning: E*N = 12,288 per layer per scan direction (x2 on Vim, x24 layers = 589,824, +9K head = 598K).
+    vim = ModelDims(D=384, E=768, N=16, R=24, K=4, L=1, V=1)
+    assert REGISTRY["lora_in_proj"].count(LoraInProjConfig(rank=32), vim) == 61_440
+    assert REGISTRY["lora_in_proj"].count(LoraInProjConfig(rank=32), ModelDims(384, 768, 16, 24, 4, 24, 1)) == 1_474_560
+    assert 2 * 24 * REGISTRY["a_log_delta"].count(ALogDeltaConfig(), vim) == 589_824
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=ids)
+def test_every_trainable_tensor_gets_a_nonzero_gradient(tiny_lm, tiny_ids, combo):
+    applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+    perturb(applied)
+    tiny_lm.train()
+    tiny_lm(tiny_ids).logits.square().mean().backward()
+    for name, p in tiny_lm.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} received a gradient"
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=ids)
+def test_identity_at_init_and_output_changes_once_perturbed(tiny_lm, tiny_ids, combo):
+    with torch.no_grad():
+        before = tiny_lm(tiny_ids).logits
+        applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+        assert torch.equal(tiny_lm(tiny_ids).logits, before)
+        perturb(applied)
+        assert not torch.allclose(tiny_lm(tiny_ids).logits, before, atol=1e-6)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=ids)
+def test_tensors_of_different_methods_never_alias(tiny_lm, combo):
+    applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+    ptrs = [p.data_ptr() for ps in applied.params.values() for p in ps]
+    assert len(ptrs) == len(set(ptrs))
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=ids)
+def test_merged_plain_checkpoint_reproduces_the_adapted_model(tiny_lm, tiny_ids, tmp_path, combo):
+    applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+    perturb(applied)
+    with torch.no_grad():
+        adapted = tiny_lm(tiny_ids).logits
+    merge_methods(tiny_lm)
+    tiny_lm.save_pretrained(tmp_path)
+    plain = MambaForCausalLM.from_pretrained(tmp_path).eval()
+    assert not any(".parametrizations." in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        merged = plain(tiny_ids).logits
+    assert ((merged - adapted).abs().max() / adapted.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=ids)
+def test_saved_adapters_load_back_onto_a_fresh_base_model(tiny_lm, tiny_ids, tmp_path, combo):
+    tiny_lm.save_pretrained(tmp_path / "base")
+    methods = {n: CONFIGS[n] for n in combo}
+    perturb(apply_methods(tiny_lm, methods))
+    with torch.no_grad():
+        adapted = tiny_lm(tiny_ids).logits
+    save_adapters(tiny_lm, methods, tmp_path / "adapter", extra={"head.weight": torch.ones(2, 3)})
+    fresh = MambaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    applied, extra = load_adapters(fresh, tmp_path / "adapter")
+    assert set(applied.params) == set(combo)
+    assert torch.equal(extra["head.weight"], torch.ones(2, 3))
+    with torch.no_grad():
+        assert torch.allclose(fresh(tiny_ids).logits, adapted, atol=1e-6)
+
+
+def test_lora_rank_above_the_weight_size_is_refused(tiny_lm):
+    with pytest.raises(MethodError, match=r"lora_in_proj.rank 99 exceeds"):
+        apply_methods(tiny_lm, {"lora_in_proj": LoraInProjConfig(rank=99)})
+
+
+def test_unknown_method_is_refused(tiny_lm):
+    with pytest.raises(MethodError, match="unknown method"):
+        apply_methods(tiny_lm, {"prefix": LoraInProjConfig()})
+
+
+def test_param_groups_carry_each_methods_multipliers(tiny_lm):
+    applied = apply_methods(tiny_lm, {"lora_in_proj": LoraInProjConfig(lr_mult=2.0, weight_decay_mult=0.0),
+                                      "a_log_delta": ALogDeltaConfig(lr_mult=0.5, weight_decay_mult=10.0)})
+    groups = {g["name"]: g for g in applied.param_groups(lr=1e-3, weight_decay=1e-4)}
+    assert groups["lora_in_proj"]["lr"] == pytest.approx(2e-3) and groups["lora_in_proj"]["weight_decay"] == 0
+    assert groups["a_log_delta"]["lr"] == pytest.approx(5e-4)
+    assert groups["a_log_delta"]["weight_decay"] == pytest.approx(1e-3)
+
+
+def test_lora_on_in_proj_matches_the_peft_library(tiny_lm, tiny_ids):
+    """Independent check: the same A and B in HF peft's LoRA give the same outputs."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    reference = get_peft_model(copy.deepcopy(tiny_lm), LoraConfig(r=3, lora_alpha=3 * 0.7, target_modules=["in_proj"],
+                                                                   lora_dropout=0.0))
+    applied = apply_methods(tiny_lm, {"lora_in_proj": CONFIGS["lora_in_proj"]})
+    perturb(applied)
+    ours = dict(tiny_lm.named_parameters())
+    with torch.no_grad():
+        for i in range(tiny_lm.config.num_hidden_layers):
+            prefix = f"backbone.layers.{i}.mixer.in_proj"
+            peft_layer = reference.base_model.model.backbone.layers[i].mixer.in_proj
+            peft_layer.lora_A["default"].weight.copy_(ours[f"{prefix}.parametrizations.weight.0.lora_A"])
+            peft_layer.lora_B["default"].weight.copy_(ours[f"{prefix}.parametrizations.weight.0.lora_B"])
+        expected = reference.eval()(tiny_ids).logits
+        got = tiny_lm(tiny_ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from space.config import TrialConfig
+from tests.conftest import small_trial_yaml
+from trials.model import EMBEDDED_CHECKPOINT
+from trials.run import FINISHED, run_trial
+
+
+def test_embedded_checkpoint_is_a_huggingface_directory_with_a_card():
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (EMBEDDED_CHECKPOINT / name).exists(), name
+    assert "How it was made" in (EMBEDDED_CHECKPOINT / "README.md").read_text()
+
+
+def test_trial_reports_validation_rounds_then_a_final_report_with_every_metric(small_trial):
+    reports: list[dict] = []
+    result = run_trial(small_trial, report=reports.append)
+    assert [r["step"] for r in reports] == [3, 6]
+    assert reports[0][FINISHED] is False and reports[-1][FINISHED] is True
+    final = reports[-1]
+    for key in ("val_accuracy", "test_accuracy", "trainable_params", "trainable_pct", "train_seconds",
+                "peak_memory_mb", "steps_done", "status"):
+        assert key in final, key
+    assert final["status"] == "finished" and final["steps_done"] == 6
+    assert 0.0 <= result.val_accuracy <= 1.0 and 0.0 <= result.test_accuracy <= 1.0
+    # 4 layers, D=64, E=128, N=16: LoRA r=2 -> 4*2*(64+256); A delta -> 4*128*16; head 64*10+10.
+    assert result.method_params == {"lora_in_proj": 2560, "a_log_delta": 8192}
+    assert result.trainable_params == 2560 + 8192 + 650
+
+
+def test_trial_training_changes_only_the_trainable_tensors(small_trial):
+    from trials.run import build_trial
+
+    built = build_trial(small_trial)
+    frozen = {n: p.detach().clone() for n, p in built.model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    run_trial(small_trial, built=built)
+    params = dict(built.model.named_parameters())
+    assert all(params[n].equal(v) for n, v in frozen.items())
+    assert all(not params[n].equal(v) for n, v in trained.items())
+
+
+def test_head_only_trial_is_a_linear_probe(small_trial):
+    cfg = TrialConfig.from_yaml(small_trial_yaml(methods="{}"))
+    assert run_trial(cfg).trainable_params == 650
+
+
+def test_unknown_checkpoint_is_a_clear_error():
+    cfg = TrialConfig.from_yaml(small_trial_yaml(checkpoint="/nonexistent/model"))
+    with pytest.raises(FileNotFoundError, match="model.checkpoint: cannot load '/nonexistent/model'"):
+        run_trial(cfg)
