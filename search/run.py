@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-trials", type=int, help="override search.num_trials")
     p.add_argument("--results-dir", type=Path, help="override search.results_dir")
     p.add_argument("--tracking-uri", help="override tracking.uri (MLflow)")
+    p.add_argument("--optuna-storage", default=os.environ.get("OPTUNA_STORAGE"),
+                   help="override search.optuna_storage, an Optuna RDB URL (default: env OPTUNA_STORAGE)")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     return p.parse_args(argv)
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["num_trials"] = args.num_trials
         if args.address:
             overrides["address"] = args.address
+        if args.optuna_storage:
+            overrides["optuna_storage"] = args.optuna_storage
         if args.results_dir:
             overrides["results_dir"] = str(args.results_dir)
         if overrides:
