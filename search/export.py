@@ -22,10 +22,11 @@ def export(tracking_uri: str, experiment: str, search_run: str | None = None, ru
     c = results.client(tracking_uri)
     if run is None:
         info = results.search_info(c, experiment, search_run)
-        front = results.pareto(results.trials(c, experiment, info["run_id"]), list(info["objectives"]))
-        if front.empty:
+        objectives = list(info["objectives"])
+        best = results.best_trial(results.pareto(results.trials(c, experiment, info["run_id"]), objectives),
+                                  objectives)
+        if best is None:
             raise results.ResultsError(f"search {info['name']} ({info['run_id']}) has no finished trials")
-        best = front.sort_values("val_accuracy", ascending=False, kind="stable").iloc[0]
         run = str(best["run_id"])
     text = results.trial_config_text(c, run)
     try:

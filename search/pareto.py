@@ -22,5 +22,5 @@ def pareto_indices(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> li
         values = [row.get(m) for m in metrics]
         if any(v is None or v != v for v in values):  # v != v is NaN
             continue
-        points.append((i, [s * float(v) for s, v in zip(signs, values, strict=True)]))
+        points.append((i, [s * float(v) for s, v in zip(signs, values, strict=True)]))  # type: ignore[arg-type]
     return [i for i, p in points if not any(dominates(q, p) for j, q in points if j != i)]

@@ -33,6 +33,8 @@ class ResultsError(LookupError):
 
 
 def client(tracking_uri: str):
+    if not tracking_uri or not tracking_uri.strip():
+        raise ResultsError("no MLflow tracking URI given")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
@@ -98,15 +100,30 @@ def trials(c, experiment: str, search_run_id: str) -> pd.DataFrame:
 
 
 def pareto(df: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
-    """Finished trials on the Pareto front of ``objectives``, most accurate first. Stopped and failed trials
-    never qualify: their metrics are not those of a full trial."""
-    if df.empty or "status" not in df:
+    """Finished trials on the Pareto front of ``objectives``, best first (see ``ranking_metric``). Stopped and
+    failed trials never qualify: their metrics are not those of a full trial."""
+    if df.empty or "status" not in df or any(m not in df for m in objectives):
         return df.iloc[0:0]
     done = df[df.status == STATUS_FINISHED].reset_index(drop=True)
     idx = pareto_indices(done.to_dict("records"), objectives)
     front = done.iloc[idx]
-    first = objectives[0]
-    return front.sort_values(first, ascending=direction(first) == "min", kind="stable").reset_index(drop=True)
+    key = ranking_metric(objectives)
+    return front.sort_values(key, ascending=direction(key) == "min", kind="stable").reset_index(drop=True)
+
+
+def ranking_metric(objectives: list[str]) -> str:
+    """The objective that orders a front for "best": the first maximised one (accuracy), else the first."""
+    return next((m for m in objectives if direction(m) == "max"), objectives[0])
+
+
+def best_trial(front: pd.DataFrame, objectives: list[str]) -> dict[str, Any] | None:
+    """The front's best trial by ``ranking_metric`` (the most accurate Pareto trial by default)."""
+    if front.empty:
+        return None
+    key = ranking_metric(objectives)
+    if key not in front:
+        return front.iloc[0].to_dict()
+    return front.sort_values(key, ascending=direction(key) == "min", kind="stable").iloc[0].to_dict()
 
 
 def trial_config_text(c, run_id: str) -> str:

@@ -11,6 +11,7 @@ Exit codes: 0 done, 2 invalid space.yaml or arguments (nothing started), 1 the s
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -141,7 +142,7 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
          f"Optuna study {study_name!r} in {storage_url}")
 
     ray.init(address=space.search.address, include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True, logging_level="ERROR",
+             ignore_reinit_error=True, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     status = results.STATUS_FAILED
     try:

@@ -25,7 +25,7 @@ from space.config import SearchSpace, SpaceError, replay_trial
 from trials.run import FINISHED
 
 # Per-step metrics are logged as curves; the rest of the final report is logged once.
-CURVE_KEYS = ("val_accuracy", "train_loss")
+CURVE_KEYS = ("val_accuracy", "train_loss", "trainable_params")
 FINAL_KEYS = ("val_accuracy", "test_accuracy", "trainable_params", "trainable_pct", "train_seconds",
               "peak_memory_mb", "steps_done")
 

@@ -31,6 +31,13 @@ class ModelSpec(Strict):
     use_mambapy: bool = True  # transformers' parallel-scan torch path; ignored where CUDA kernels run
 
 
+SplitName = Literal["train", "validation", "test"]
+
+
+def _identity_splits() -> dict[SplitName, str]:
+    return {"train": "train", "validation": "validation", "test": "test"}
+
+
 class TaskSpec(Strict):
     name: Literal["digits", "pydoc_topics", "csv", "jsonl", "hf"] = "digits"
     shots_per_class: int = Field(default=10, ge=1)  # built-in tasks: size of the few-shot training split
@@ -38,8 +45,7 @@ class TaskSpec(Strict):
     files: dict[Literal["train", "validation", "test"], str] = Field(default_factory=dict)  # csv / jsonl
     hf_dataset: str | None = None  # hf: dataset name or local path for datasets.load_dataset
     hf_config: str | None = None
-    hf_splits: dict[Literal["train", "validation", "test"], str] = Field(
-        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"})
+    hf_splits: dict[SplitName, str] = Field(default_factory=_identity_splits)  # ours -> the dataset's names
     text_column: str = "text"
     label_column: str = "label"
     max_length: int = Field(default=128, ge=1)

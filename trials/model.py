@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ def resolve_checkpoint(name: str) -> str:
     return str(EMBEDDED_CHECKPOINT) if name == "embedded" else name
 
 
-def load_base_model(checkpoint: str, use_mambapy: bool = True) -> nn.Module:
+def load_base_model(checkpoint: str, use_mambapy: bool = True) -> Any:
     """Load a Mamba-1 causal LM checkpoint with ``from_pretrained``.
 
     ``use_mambapy`` selects transformers' parallel-scan torch path; the default sequential loop's backward
@@ -39,17 +40,17 @@ class SequenceClassifier(nn.Module):
     padded positions after it cannot leak into it.
     """
 
-    def __init__(self, lm: nn.Module, num_classes: int, pooling: str = "last") -> None:
+    def __init__(self, lm: Any, num_classes: int, pooling: str = "last") -> None:
         super().__init__()
         if pooling not in ("last", "mean"):
             raise ValueError(f"model.pooling: {pooling!r} is not one of 'last', 'mean'")
-        self.lm = lm
+        self.lm: Any = lm
         self.pooling = pooling
         hidden = lm.config.hidden_size
         self.head = nn.Linear(hidden, num_classes)
 
     @property
-    def backbone(self) -> nn.Module:
+    def backbone(self) -> Any:
         return self.lm.backbone
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,9 @@ def load_task(task: TaskSpec, model: ModelSpec) -> TaskData:
     if task.name == "pydoc_topics":
         return load_pydoc_task(task.split_seed, task.shots_per_class, tokenizer=tok)
     if task.name in ("csv", "jsonl"):
-        return load_table_task(task.name, dict(task.files), task.text_column, task.label_column, tok,
-                               task.max_length, task.split_seed)
+        files = {str(k): v for k, v in task.files.items()}
+        return load_table_task(task.name, files, task.text_column, task.label_column, tok, task.max_length,
+                               task.split_seed)
     assert task.hf_dataset is not None  # checked when the space was validated
     return load_hf_task(task.hf_dataset, task.hf_config, task.text_column, task.label_column, tok,
-                        task.max_length, dict(task.hf_splits))
+                        task.max_length, {str(k): v for k, v in task.hf_splits.items()})

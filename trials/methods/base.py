@@ -8,11 +8,9 @@ scan, mambapy, or code that passes ``.weight`` straight to a kernel) can bypass 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import nn
-
-from space.methods import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -40,9 +38,9 @@ class Method(Protocol):
     name: str
     mergeable: bool
 
-    def count(self, cfg: MethodConfig, dims: ModelDims) -> int: ...
+    def count(self, cfg: Any, dims: ModelDims) -> int: ...
 
-    def apply(self, lm: nn.Module, cfg: MethodConfig) -> list[nn.Parameter]:
+    def apply(self, lm: Any, cfg: Any) -> list[nn.Parameter]:
         """Add the method's tensors to ``lm`` (a MambaForCausalLM) and return them (trainable)."""
         ...
 
@@ -51,7 +49,7 @@ class MethodError(ValueError):
     """A method cannot be applied to this model; the message names the method and module."""
 
 
-def mixers(lm: nn.Module) -> list[nn.Module]:
+def mixers(lm: nn.Module) -> list[Any]:
     layers = getattr(getattr(lm, "backbone", None), "layers", None)
     if layers is None:
         raise MethodError(f"{type(lm).__name__} has no backbone.layers: not a Mamba-1 model")
