@@ -28,7 +28,10 @@ class ModelSpec(Strict):
     checkpoint: str = "embedded"  # "embedded", a local HF checkpoint directory, or a hub model id
     tokenizer: str = "auto"  # "auto" (the checkpoint's own, else bytes), "bytes", or a tokenizer path/id
     pooling: Literal["last", "mean"] = "last"
-    use_mambapy: bool = True  # transformers' parallel-scan torch path; ignored where CUDA kernels run
+    # Selective scan: "auto" (the project's mixer with the compiled CPU kernel, or its pure-PyTorch scan when
+    # no C compiler is present; mamba-ssm's kernels on CUDA), "compiled", "torch", or transformers' own paths
+    # "mambapy" and "hf_loop" (the default loop, O(L^2) in backward on CPU).
+    scan: Literal["auto", "compiled", "torch", "mambapy", "hf_loop"] = "auto"
 
 
 SplitName = Literal["train", "validation", "test"]

@@ -17,18 +17,24 @@ REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-@pytest.fixture
-def tiny_lm():
-    """A randomly initialised Mamba-1 small enough for exhaustive checks (D=16, E=32, N=4, 2 layers)."""
+# Every CPU execution path the project supports: its mixer with the compiled kernel and with the pure-PyTorch
+# scan, and transformers' own mambapy path.
+SCAN_PATHS = ("compiled", "torch", "mambapy")
+
+
+@pytest.fixture(params=SCAN_PATHS)
+def tiny_lm(request):
+    """A randomly initialised Mamba-1 small enough for exhaustive checks (D=16, E=32, N=4, 2 layers), on each
+    execution path."""
     from transformers import MambaConfig, MambaForCausalLM
 
+    from trials.model import use_scan
     from trials.run import quiet_transformers
 
     quiet_transformers()
     torch.manual_seed(0)
-    cfg = MambaConfig(vocab_size=40, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
-                      use_mambapy=True)
-    return MambaForCausalLM(cfg).eval()
+    cfg = MambaConfig(vocab_size=40, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2)
+    return use_scan(MambaForCausalLM(cfg), request.param).eval()
 
 
 @pytest.fixture

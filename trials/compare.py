@@ -18,7 +18,7 @@ import torch
 from space.config import TrialConfig
 from trials.data import TaskData
 from trials.methods import AppliedMethods
-from trials.model import SequenceClassifier, load_base_model
+from trials.model import SequenceClassifier, load_base_model, use_scan
 from trials.run import BuiltTrial, quiet_transformers, run_trial
 from trials.tasks import load_task
 
@@ -29,8 +29,8 @@ def scratch_trial(cfg: TrialConfig, data: TaskData) -> BuiltTrial:
 
     quiet_transformers()
     torch.manual_seed(cfg.seed)
-    config = load_base_model(cfg.model.checkpoint, cfg.model.use_mambapy).config
-    lm = MambaForCausalLM(config)
+    config = load_base_model(cfg.model.checkpoint, cfg.model.scan).config
+    lm = use_scan(MambaForCausalLM(config), cfg.model.scan)
     model = SequenceClassifier(lm, data.num_classes, cfg.model.pooling)
     n = sum(p.numel() for p in model.parameters())
     return BuiltTrial(model, AppliedMethods(configs={}), data, trainable_params=n, total_params=n)

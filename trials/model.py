@@ -17,20 +17,34 @@ def resolve_checkpoint(name: str) -> str:
     return str(EMBEDDED_CHECKPOINT) if name == "embedded" else name
 
 
-def load_base_model(checkpoint: str, use_mambapy: bool = True) -> Any:
-    """Load a Mamba-1 causal LM checkpoint with ``from_pretrained``.
-
-    ``use_mambapy`` selects transformers' parallel-scan torch path; the default sequential loop's backward
-    is O(L^2) on CPU. On a CUDA machine with mamba-ssm installed transformers uses the fused kernels.
-    """
+def load_base_model(checkpoint: str, scan: str = "auto") -> Any:
+    """Load a Mamba-1 causal LM checkpoint with ``from_pretrained`` and set its selective scan."""
     from transformers import MambaForCausalLM
 
     path = resolve_checkpoint(checkpoint)
     try:
-        model = MambaForCausalLM.from_pretrained(path, use_mambapy=use_mambapy)
+        model = MambaForCausalLM.from_pretrained(path)
     except OSError as exc:
         raise FileNotFoundError(f"model.checkpoint: cannot load {checkpoint!r} ({path}): {exc}") from exc
-    return model
+    return use_scan(model, scan)
+
+
+def use_scan(lm: Any, scan: str) -> Any:
+    """``auto``, ``compiled`` and ``torch`` install the project's mixer (``trials.mixer``); ``mambapy`` and
+    ``hf_loop`` keep transformers' own paths (``use_mambapy=True`` / the default loop)."""
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    from trials.mixer import install_fast_mixer
+
+    if scan in ("auto", "compiled", "torch"):
+        install_fast_mixer(lm, scan)  # type: ignore[arg-type]
+    elif scan in ("mambapy", "hf_loop"):
+        for module in lm.modules():
+            if isinstance(module, MambaMixer):
+                module.use_mambapy = scan == "mambapy"
+    else:
+        raise ValueError(f"model.scan: {scan!r} is not one of auto, compiled, torch, mambapy, hf_loop")
+    return lm
 
 
 class SequenceClassifier(nn.Module):

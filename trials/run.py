@@ -79,7 +79,7 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
     quiet_transformers()
     torch.manual_seed(cfg.seed)
     data = data or load_task(cfg.task, cfg.model)
-    lm = load_base_model(cfg.model.checkpoint, use_mambapy=cfg.model.use_mambapy)
+    lm = load_base_model(cfg.model.checkpoint, cfg.model.scan)
     if data.max_token_id() >= lm.config.vocab_size:
         raise ValueError(f"task {data.name!r} uses token id {data.max_token_id()} but model.checkpoint "
                          f"{cfg.model.checkpoint!r} has vocab_size {lm.config.vocab_size}")

@@ -81,10 +81,10 @@ def load_trained(out: Path, merged: bool = False) -> SequenceClassifier:
     if merged:
         from safetensors.torch import load_file
 
-        lm = load_base_model(str(out / "merged"), cfg.model.use_mambapy)
+        lm = load_base_model(str(out / "merged"), cfg.model.scan)
         head = load_file(str(out / "merged" / HEAD_FILE))
     else:
-        lm = load_base_model(cfg.model.checkpoint, cfg.model.use_mambapy)
+        lm = load_base_model(cfg.model.checkpoint, cfg.model.scan)
         _, extra = load_adapters(lm, out / "adapter")
         head = extra
     num_classes = head["head.weight"].shape[0]
