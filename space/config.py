@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from space.methods import METHOD_SPACES, MethodConfig, MethodSpace, method_config, sample_method
 from space.metrics import METRICS, OBJECTIVE_METRICS, Direction
-from space.params import SearchFloat, SearchInt, Strict, Suggester, check_bounds, resolve
+from space.params import SearchFloat, SearchInt, Strict, Suggester, bounded, resolve
 
 
 class SpaceError(ValueError):
@@ -65,28 +65,13 @@ class TaskSpec(Strict):
 class TrainingSpace(Strict):
     steps: int = Field(default=120, ge=1)  # optimiser steps of one search trial
     final_steps: int = Field(default=400, ge=1)  # the full schedule `python -m trials.train` uses
-    batch_size: SearchInt = 16
-    learning_rate: SearchFloat = 3e-3
-    weight_decay: SearchFloat = 1e-4
+    batch_size: Annotated[SearchInt, bounded(int, ge=1)] = 16
+    learning_rate: Annotated[SearchFloat, bounded(float, gt=0)] = 3e-3
+    weight_decay: Annotated[SearchFloat, bounded(float, ge=0)] = 1e-4
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
     eval_every: int = Field(default=30, ge=1)  # steps between validation reports (the early-stop rungs)
-    head_lr_mult: SearchFloat = 1.0
+    head_lr_mult: Annotated[SearchFloat, bounded(float, gt=0)] = 1.0
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
-
-    @field_validator("batch_size")
-    @classmethod
-    def _bs(cls, v: Any) -> Any:
-        return check_bounds(v, ge=1)
-
-    @field_validator("learning_rate", "head_lr_mult")
-    @classmethod
-    def _pos(cls, v: Any) -> Any:
-        return check_bounds(v, gt=0)
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _nonneg(cls, v: Any) -> Any:
-        return check_bounds(v, ge=0)
 
 
 class Objective(Strict):

@@ -7,39 +7,21 @@ searchable, and per-method learning-rate and weight-decay multipliers as in the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from space.params import SearchFloat, SearchInt, Strict, Suggester, candidates, check_bounds, resolve
+from space.params import SearchFloat, SearchInt, Strict, Suggester, bounded, resolve
 
 Enabled = bool | Literal["search"]
-
-
-def _typed(value: Any, kind: type, field: str) -> Any:
-    for v in candidates(value):
-        ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            ok = True
-        if not ok:
-            raise ValueError(f"choice {v!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
-    return value
+LrMult = Annotated[SearchFloat, bounded(float, gt=0)]
+DecayMult = Annotated[SearchFloat, bounded(float, ge=0)]
 
 
 class MethodSpace(Strict):
     enabled: Enabled = "search"
-    lr_mult: SearchFloat = 1.0
-    weight_decay_mult: SearchFloat = 1.0
-
-    @field_validator("lr_mult")
-    @classmethod
-    def _lr(cls, v: Any) -> Any:
-        return check_bounds(_typed(v, float, "lr_mult"), gt=0)
-
-    @field_validator("weight_decay_mult")
-    @classmethod
-    def _wd(cls, v: Any) -> Any:
-        return check_bounds(_typed(v, float, "weight_decay_mult"), ge=0)
+    lr_mult: LrMult = 1.0
+    weight_decay_mult: DecayMult = 1.0
 
 
 class MethodConfig(Strict):
@@ -50,19 +32,9 @@ class MethodConfig(Strict):
 class LoraInProjSpace(MethodSpace):
     """LoRA on ``mixer.in_proj`` (all 2E output rows): W' = W + scale * B A, B zero-initialised."""
 
-    rank: SearchInt = 4
-    scale: SearchFloat = 1.0
-    weight_decay_mult: SearchFloat = 0.0
-
-    @field_validator("rank")
-    @classmethod
-    def _rank(cls, v: Any) -> Any:
-        return check_bounds(_typed(v, int, "rank"), ge=1)
-
-    @field_validator("scale")
-    @classmethod
-    def _scale(cls, v: Any) -> Any:
-        return check_bounds(_typed(v, float, "scale"), gt=0)
+    rank: Annotated[SearchInt, bounded(int, ge=1)] = 4
+    scale: Annotated[SearchFloat, bounded(float, gt=0)] = 1.0
+    weight_decay_mult: DecayMult = 0.0
 
 
 class LoraInProjConfig(MethodConfig):
@@ -75,7 +47,7 @@ class ALogDeltaSpace(MethodSpace):
     """Partial tuning of A: a zero-initialised additive delta on ``mixer.A_log`` [E, N]; its weight decay
     (amplified by ``weight_decay_mult``) pulls A back toward the pretrained value."""
 
-    weight_decay_mult: SearchFloat = 10.0
+    weight_decay_mult: DecayMult = 10.0
 
 
 class ALogDeltaConfig(MethodConfig):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
@@ -124,3 +124,18 @@ def check_bounds(value: Any, *, ge: float | None = None, le: float | None = None
         if le is not None and v > le:
             raise ValueError(f"{v} is above {le}")
     return value
+
+
+def _typed(value: Any, kind: type) -> Any:
+    for v in candidates(value):
+        ok = isinstance(v, kind) and not isinstance(v, bool)
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"choice {v!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
+    return value
+
+
+def bounded(kind: type, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """Validator for a searchable field: every value it can take is a ``kind`` within the bounds."""
+    return AfterValidator(lambda v: check_bounds(_typed(v, kind), ge=ge, gt=gt, le=le))
