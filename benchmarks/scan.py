@@ -121,22 +121,26 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     print(f"batch {BATCH}, fp32, fwd+bwd ms/step (median of {a.reps}); '*' = timed once (slower than "
-          f"{a.budget:g} s/step), '-' = skipped after a slower shorter length", flush=True)
+          f"{a.budget:g} s/step), '-' = skipped (predicted"
+          f" above {4 * a.budget:g} s/step from a shorter length)", flush=True)
     for threads in threads_list:
         rate = matmul_gflops(threads)
         print(f"\n== {threads} thread(s): matmul rate {rate:.1f} GFLOP/s ==", flush=True)
         for config in configs:
             too_slow: set[str] = set()
+            last: dict[str, tuple[int, float]] = {}
             for length in lengths:
                 row: dict = {"config": config, "L": length, "threads": threads}
                 for path in a.paths:
-                    if path in too_slow:
+                    if path in too_slow or predicted_seconds(path, last.get(path), length) > 4 * a.budget:
                         row[path] = None
                         continue
                     r = measure(config, path, length, threads, a.budget, a.reps)
                     row[path] = r
                     if r.get("timed_once") or "error" in r:
                         too_slow.add(path)
+                    else:
+                        last[path] = (length, r["ms"] / 1000)
                 bound_ms = 1000 * model_flops(config, length) / (rate * 1e9)
                 row["bound_ms"] = bound_ms
                 rows.append(row)
@@ -145,6 +149,16 @@ def main(argv: list[str] | None = None) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def predicted_seconds(path: str, last: tuple[int, float] | None, length: int) -> float:
+    """Expected seconds per step from the last shorter length: quadratic for transformers' default loop
+    (its backward is O(L^2)), linear otherwise."""
+    if last is None:
+        return 0.0
+    prev_length, seconds = last
+    growth = length / prev_length
+    return seconds * (growth**2 if path == "hf_loop" else growth)
 
 
 def _ms(r: dict | None) -> str:
@@ -173,16 +187,28 @@ def summary(rows: list[dict]) -> str:
             continue
         parts = [f"{r['config']:>5} L={r['L']:<5} threads={r['threads']}"]
         if mp and "ms" in mp:
-            parts.append(f"mambapy/ours {mp['ms'] / ours['ms']:.1f}x")
+            speedup = mp["ms"] / ours["ms"]
+            want = TARGET_SPEEDUP.get(r["L"])
+            target = f" ({_verdict(speedup >= want)} >= {want}x)" if want else ""
+            parts.append(f"mambapy/ours {speedup:.1f}x{target}")
             if mp.get("peak_mb", 0) > 0:
-                parts.append(f"memory ours/mambapy {ours['peak_mb'] / mp['peak_mb']:.2f}")
+                mem = ours["peak_mb"] / mp["peak_mb"]
+                parts.append(f"memory ours/mambapy {mem:.2f} ({_verdict(mem <= 1.0)} <= 1)")
         parts.append(f"ours/bound {ours['ms'] / r['bound_ms']:.1f}x")
         if r["L"] == 1024:
             prev = _get(rows, r["config"], 256, r["threads"])
             if prev and prev.get("ours") and "ms" in prev["ours"]:
-                parts.append(f"ours 1024/256 {ours['ms'] / prev['ours']['ms']:.2f}x")
+                growth = ours["ms"] / prev["ours"]["ms"]
+                parts.append(f"ours 1024/256 {growth:.2f}x ({_verdict(growth <= 4.5)} <= 4.5)")
         out.append("  ".join(parts))
     return "\n".join(out)
+
+
+TARGET_SPEEDUP = {64: 2.0, 256: 3.0}  # ours against mambapy, from the fast-scan issue
+
+
+def _verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
 
 
 if __name__ == "__main__":
