@@ -7,7 +7,8 @@ Notation: Bt batch, E channels (d_inner), L length, N state size.
 Three implementations with one signature (``selective_scan``):
 - ``compiled``: a fused C kernel (trials/kernels/selective_scan.c) built once per machine with the system C
   compiler and called through ctypes; forward and backward each walk the sequence once per (batch, channel)
-  row, so time is linear in L and only the states are kept for the backward.
+  row, so time is linear in L, and only one state per 16-step chunk is kept (the backward recomputes the
+  rest), so memory is a fraction of any path that stores every state.
 - ``torch``: pure PyTorch, time-major, one fused multiply-add per step in forward and in backward (custom
   autograd), used when no compiler is available.
 - ``reference``: the plain sequential loop under autograd; the ground truth for tests, never fast.
@@ -94,7 +95,8 @@ def load_kernel() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(build_kernel()))
                 i64, p, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
                 lib.scan_forward.argtypes = [p] * 8 + [i64] * 4 + [c_int]
-                lib.scan_backward.argtypes = [p] * 14 + [i64] * 4 + [c_int]
+                lib.scan_backward.argtypes = [p] * 13 + [i64] * 4 + [c_int]
+                lib.scan_chunk.restype = c_int
                 _lib = lib
             except (OSError, RuntimeError) as exc:
                 _lib_error = str(exc)
@@ -119,10 +121,11 @@ class _CompiledScan(torch.autograd.Function):
         bt, e, length = u.shape
         n = A.shape[1]
         y = torch.empty_like(u)  # [Bt, E, L]
-        states = torch.empty(bt, e, length, n, dtype=u.dtype)  # [Bt, E, L, N]
-        lib.scan_forward(_ptr(u), _ptr(delta), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(h0), _ptr(y), _ptr(states),
-                         bt, e, length, n, torch.get_num_threads())
-        ctx.save_for_backward(u, delta, A, Bm, Cm, h0, states)
+        chunk = lib.scan_chunk()
+        checkpoints = torch.empty(bt, e, -(-length // chunk), n, dtype=u.dtype)  # [Bt, E, L / chunk, N]
+        lib.scan_forward(_ptr(u), _ptr(delta), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(h0), _ptr(y),
+                         _ptr(checkpoints), bt, e, length, n, torch.get_num_threads())
+        ctx.save_for_backward(u, delta, A, Bm, Cm, checkpoints)
         ctx.has_h0 = h0 is not None
         return y
 
@@ -130,7 +133,7 @@ class _CompiledScan(torch.autograd.Function):
     def backward(ctx, dy):
         lib = load_kernel()
         assert lib is not None
-        u, delta, A, Bm, Cm, h0, states = ctx.saved_tensors
+        u, delta, A, Bm, Cm, checkpoints = ctx.saved_tensors
         bt, e, length = u.shape
         n = A.shape[1]
         dy = dy.contiguous().float()
@@ -138,7 +141,7 @@ class _CompiledScan(torch.autograd.Function):
         da_part = torch.empty(bt, e, n, dtype=u.dtype)  # [Bt, E, N] summed over the batch below
         dB, dC = torch.zeros_like(Bm), torch.zeros_like(Cm)
         dh0 = torch.empty(bt, e, n, dtype=u.dtype)
-        lib.scan_backward(_ptr(u), _ptr(delta), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(h0), _ptr(states), _ptr(dy),
+        lib.scan_backward(_ptr(u), _ptr(delta), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(checkpoints), _ptr(dy),
                           _ptr(du), _ptr(ddelta), _ptr(da_part), _ptr(dB), _ptr(dC), _ptr(dh0),
                           bt, e, length, n, torch.get_num_threads())
         return du, ddelta, da_part.sum(0), dB, dC, (dh0 if ctx.has_h0 else None)
