@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from trials.scan import Impl, selective_scan
+from trials.scan import Impl, selective_scan_tokens
 
 HOOKS = ("initial_state", "affix_tokens")
 
@@ -63,36 +63,47 @@ class FastMambaMixer(MambaMixer):
             A, None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
 
     def _scan_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        bt, length, _ = hidden_states.shape
+        # Token-major throughout ([Bt, L, .]), the layout the projections produce, so nothing is transposed.
+        bt = hidden_states.shape[0]
         mask = None if attention_mask is None else attention_mask.to(hidden_states.dtype)  # [Bt, L]
         if mask is not None:
             hidden_states = hidden_states * mask[..., None]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # [Bt, 2E, L]
+        xz = self.in_proj(hidden_states)  # [Bt, L, 2E]
         affix = getattr(self, "affix_tokens", None)  # [n, 2E]
         n_affix = 0 if affix is None else affix.shape[0]
         if affix is not None:
-            xz = torch.cat([affix.t().to(xz.dtype).expand(bt, -1, -1), xz], dim=2)  # [Bt, 2E, n + L]
+            xz = torch.cat([affix.to(xz.dtype).expand(bt, -1, -1), xz], dim=1)  # [Bt, n + L, 2E]
             if mask is not None:
                 mask = torch.cat([mask.new_ones(bt, n_affix), mask], dim=1)  # [Bt, n + L]
-        x, z = xz.chunk(2, dim=1)  # [Bt, E, L'] each
-        x = F.conv1d(x, self.conv1d.weight, self.conv1d.bias, padding=self.conv_kernel_size - 1,
-                     groups=self.intermediate_size)[..., : x.shape[-1]]  # [Bt, E, L']
-        x = self.act(x)
+        x, z = xz.chunk(2, dim=-1)  # [Bt, L', E] each
+        x = self.act(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))  # [Bt, L', E]
         if mask is not None:
-            x = x * mask[:, None, :]
+            x = x * mask[..., None]
         n_state = self.A_log.shape[1]
-        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.time_step_rank, n_state, n_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [Bt, E, L']
+        dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, n_state, n_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # [Bt, L', E]
         A = -torch.exp(self.A_log.float())  # [E, N]
         h0 = getattr(self, "initial_state", None)
         if h0 is not None and h0.dim() == 2:
             h0 = h0[None]  # [1, E, N]
-        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D, z=z,
-                           delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=h0,
-                           impl=self.scan_impl)  # [Bt, E, L']
+        y = selective_scan_tokens(x, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                                  delta_softplus=True, initial_state=h0, impl=self.scan_impl)  # [Bt, L', E]
         if n_affix:
-            y = y[..., n_affix:]  # the affix positions are dropped
-        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))  # [Bt, L, D]
+            y = y[:, n_affix:]  # the affix positions are dropped
+        return self.out_proj(y.to(hidden_states.dtype))  # [Bt, L, D]
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``nn.Conv1d(E, E, K, groups=E, padding=K - 1)`` truncated to the first L outputs, on token-major
+    x [Bt, L, E] with weight [E, 1, K]: K shifted multiply-adds instead of two transposes and a conv."""
+    k = weight.shape[-1]
+    length = x.shape[1]
+    padded = F.pad(x, (0, 0, k - 1, 0))  # [Bt, L + K - 1, E]
+    w = weight[:, 0, :].t()  # [K, E]
+    out = padded[:, :length] * w[0]
+    for i in range(1, k):
+        out = torch.addcmul(out, padded[:, i : i + length], w[i])  # [Bt, L, E]
+    return out + bias if bias is not None else out
 
 
 def install_fast_mixer(lm: Any, impl: Impl = "auto") -> int:

@@ -1,14 +1,15 @@
 """Selective scan for training and evaluation on CPU (Mamba-1, Gu & Dao 2023, Algorithm 2).
 
 Notation: Bt batch, E channels (d_inner), L length, N state size.
+    delta_t = softplus(dt_t + delta_bias)
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t        h: [Bt, E, N]
-    y_t = <h_t, C_t> + D * u_t ;  y = y * silu(z)
+    y_t = (<h_t, C_t> + D * u_t) * silu(z_t)
 
 Three implementations with one signature (``selective_scan``):
 - ``compiled``: a fused C kernel (trials/kernels/selective_scan.c) built once per machine with the system C
-  compiler and called through ctypes; forward and backward each walk the sequence once per (batch, channel)
-  row, so time is linear in L, and only one state per 16-step chunk is kept (the backward recomputes the
-  rest), so memory is a fraction of any path that stores every state.
+  compiler and called through ctypes. It works in the token-major layout the projections produce (no
+  transposes), fuses the dt softplus, the D skip and the silu(z) gate, walks the sequence once forward and
+  once backward (time linear in L), and keeps one state per 16-step chunk (the backward recomputes the rest).
 - ``torch``: pure PyTorch, time-major, one fused multiply-add per step in forward and in backward (custom
   autograd), used when no compiler is available.
 - ``reference``: the plain sequential loop under autograd; the ground truth for tests, never fast.
@@ -94,8 +95,8 @@ def load_kernel() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(build_kernel()))
                 i64, p, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                lib.scan_forward.argtypes = [p] * 8 + [i64] * 4 + [c_int]
-                lib.scan_backward.argtypes = [p] * 13 + [i64] * 4 + [c_int]
+                lib.scan_forward.argtypes = [p] * 11 + [c_int] + [i64] * 4 + [c_int]
+                lib.scan_backward.argtypes = [p] * 19 + [c_int] + [i64] * 4 + [c_int]
                 lib.scan_chunk.restype = c_int
                 _lib = lib
             except (OSError, RuntimeError) as exc:
@@ -112,39 +113,46 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class _CompiledScan(torch.autograd.Function):
-    """y = scan(u, delta, A, B, C, h0) without D / z; all inputs fp32 and contiguous."""
+    """The fused kernel: y = (scan + D x) * silu(z) with dt = softplus(dt_raw + dt_bias), token-major."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bm, Cm, h0):  # u, delta [Bt, E, L]; A [E, N]; Bm, Cm [Bt, L, N]; h0 [Bt, E, N]
+    def forward(ctx, x, dt_raw, A, Bm, Cm, D, z, dt_bias, h0, softplus):
+        # x, dt_raw, z: [Bt, L, E]; A: [E, N]; Bm, Cm: [Bt, L, N]; D, dt_bias: [E]; h0: [Bt, E, N]
         lib = load_kernel()
         assert lib is not None
-        bt, e, length = u.shape
+        bt, length, e = x.shape
         n = A.shape[1]
-        y = torch.empty_like(u)  # [Bt, E, L]
-        chunk = lib.scan_chunk()
-        checkpoints = torch.empty(bt, e, -(-length // chunk), n, dtype=u.dtype)  # [Bt, E, L / chunk, N]
-        lib.scan_forward(_ptr(u), _ptr(delta), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(h0), _ptr(y),
-                         _ptr(checkpoints), bt, e, length, n, torch.get_num_threads())
-        ctx.save_for_backward(u, delta, A, Bm, Cm, checkpoints)
-        ctx.has_h0 = h0 is not None
+        y = torch.empty_like(x)  # [Bt, L, E]
+        checkpoints = torch.empty(bt, -(-length // lib.scan_chunk()), e, n, dtype=x.dtype)  # [Bt, L/K, E, N]
+        lib.scan_forward(_ptr(x), _ptr(dt_raw), _ptr(dt_bias), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(D), _ptr(z),
+                         _ptr(h0), _ptr(y), _ptr(checkpoints), int(softplus), bt, length, e, n,
+                         torch.get_num_threads())
+        ctx.save_for_backward(x, dt_raw, A, Bm, Cm, D, z, dt_bias, checkpoints)
+        ctx.softplus = softplus
+        ctx.has = (D is not None, z is not None, dt_bias is not None, h0 is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         lib = load_kernel()
         assert lib is not None
-        u, delta, A, Bm, Cm, checkpoints = ctx.saved_tensors
-        bt, e, length = u.shape
+        x, dt_raw, A, Bm, Cm, D, z, dt_bias, checkpoints = ctx.saved_tensors
+        has_d, has_z, has_bias, has_h0 = ctx.has
+        bt, length, e = x.shape
         n = A.shape[1]
         dy = dy.contiguous().float()
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        da_part = torch.empty(bt, e, n, dtype=u.dtype)  # [Bt, E, N] summed over the batch below
+        dx, ddt = torch.empty_like(x), torch.empty_like(x)
+        dz = torch.empty_like(x) if has_z else None
+        da_part = torch.empty(bt, e, n, dtype=x.dtype)  # [Bt, E, N], summed over the batch below
+        dd_part, dbias_part = torch.empty(bt, e, dtype=x.dtype), torch.empty(bt, e, dtype=x.dtype)
         dB, dC = torch.zeros_like(Bm), torch.zeros_like(Cm)
-        dh0 = torch.empty(bt, e, n, dtype=u.dtype)
-        lib.scan_backward(_ptr(u), _ptr(delta), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(checkpoints), _ptr(dy),
-                          _ptr(du), _ptr(ddelta), _ptr(da_part), _ptr(dB), _ptr(dC), _ptr(dh0),
-                          bt, e, length, n, torch.get_num_threads())
-        return du, ddelta, da_part.sum(0), dB, dC, (dh0 if ctx.has_h0 else None)
+        dh0 = torch.empty(bt, e, n, dtype=x.dtype)
+        lib.scan_backward(_ptr(x), _ptr(dt_raw), _ptr(dt_bias), _ptr(A), _ptr(Bm), _ptr(Cm), _ptr(D), _ptr(z),
+                          _ptr(checkpoints), _ptr(dy), _ptr(dx), _ptr(ddt), _ptr(dz), _ptr(da_part), _ptr(dB),
+                          _ptr(dC), _ptr(dd_part), _ptr(dbias_part), _ptr(dh0), int(ctx.softplus),
+                          bt, length, e, n, torch.get_num_threads())
+        return (dx, ddt, da_part.sum(0), dB, dC, dd_part.sum(0) if has_d else None, dz,
+                dbias_part.sum(0) if has_bias else None, dh0 if has_h0 else None, None)
 
 
 # --- the pure-PyTorch path -----------------------------------------------------------------------------
@@ -176,26 +184,26 @@ class _LinearRecurrence(torch.autograd.Function):
         return da, g, dh0
 
 
-def _torch_scan(u, delta, A, Bm, Cm, h0):  # shapes as in _CompiledScan.forward
-    dt = delta.permute(2, 0, 1)  # [L, Bt, E]
-    a = torch.exp(dt[..., None] * A)  # [L, Bt, E, N]
-    b = (dt * u.permute(2, 0, 1))[..., None] * Bm.transpose(0, 1)[:, :, None, :]  # [L, Bt, E, N]
+def _torch_scan(x, dt, A, Bm, Cm, h0):  # x, dt [Bt, L, E]; A [E, N]; Bm, Cm [Bt, L, N]; h0 [Bt, E, N]
+    dt_l = dt.transpose(0, 1)  # [L, Bt, E]
+    a = torch.exp(dt_l[..., None] * A)  # [L, Bt, E, N]
+    b = (dt_l * x.transpose(0, 1))[..., None] * Bm.transpose(0, 1)[:, :, None, :]  # [L, Bt, E, N]
     states = _LinearRecurrence.apply(a, b, h0)  # [L, Bt, E, N]
-    return torch.einsum("lben,bln->bel", states, Cm)  # [Bt, E, L]
+    return torch.einsum("lben,bln->ble", states, Cm)  # [Bt, L, E]
 
 
 # --- the sequential reference --------------------------------------------------------------------------
 
 
-def _reference_scan(u, delta, A, Bm, Cm, h0):
-    bt, e, length = u.shape
-    h = h0 if h0 is not None else u.new_zeros(bt, e, A.shape[1])  # [Bt, E, N]
+def _reference_scan(x, dt, A, Bm, Cm, h0):  # shapes as in _torch_scan
+    bt, length, e = x.shape
+    h = h0 if h0 is not None else x.new_zeros(bt, e, A.shape[1])  # [Bt, E, N]
     ys = []
     for t in range(length):
-        a_t = torch.exp(delta[:, :, t, None] * A)  # [Bt, E, N]
-        h = a_t * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bm[:, None, t, :]  # [Bt, E, N]
+        a_t = torch.exp(dt[:, t, :, None] * A)  # [Bt, E, N]
+        h = a_t * h + (dt[:, t] * x[:, t])[..., None] * Bm[:, None, t, :]  # [Bt, E, N]
         ys.append((h * Cm[:, None, t, :]).sum(-1))  # [Bt, E]
-    return torch.stack(ys, dim=-1)  # [Bt, E, L]
+    return torch.stack(ys, dim=1)  # [Bt, L, E]
 
 
 # --- the entry point -------------------------------------------------------------------------------------
@@ -209,36 +217,49 @@ def resolve_impl(impl: Impl) -> Literal["compiled", "torch", "reference"]:
     return impl
 
 
+def selective_scan_tokens(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                          delta_bias: torch.Tensor | None = None, delta_softplus: bool = True,
+                          initial_state: torch.Tensor | None = None, impl: Impl = "auto") -> torch.Tensor:
+    """The selective scan in the token-major layout the mixer produces (no transposes).
+
+    x, dt, z: [Bt, L, E]; A: [E, N]; B, C: [Bt, L, N]; D, delta_bias: [E]; initial_state: [Bt or 1, E, N].
+    Returns y [Bt, L, E] in x's dtype. The scan runs in fp32 (SSM parameters stay fp32 under autocast), as
+    mamba-ssm's kernels do.
+    """
+    dtype = x.dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        bt, _, e = x.shape
+        h0 = None if initial_state is None else initial_state.float().expand(bt, e, A.shape[1]).contiguous()
+        which = resolve_impl(impl)
+        if which == "compiled" and x.device.type == "cpu":
+            def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.float().contiguous()
+
+            y = _CompiledScan.apply(f32(x), f32(dt), f32(A), f32(B), f32(C), f32(D), f32(z), f32(delta_bias),
+                                    h0, delta_softplus)
+            return y.to(dtype)
+        xf, dtf = x.float(), dt.float()
+        if delta_bias is not None:
+            dtf = dtf + delta_bias.float()
+        if delta_softplus:
+            dtf = F.softplus(dtf)
+        scan = _reference_scan if which == "reference" else _torch_scan
+        y = scan(xf, dtf, A.float(), B.float(), C.float(), h0)  # [Bt, L, E]
+        if D is not None:
+            y = y + xf * D.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                    delta_bias: torch.Tensor | None = None, delta_softplus: bool = True,
                    initial_state: torch.Tensor | None = None, impl: Impl = "auto") -> torch.Tensor:
-    """The selective scan with mamba-ssm's argument layout.
-
-    u, delta, z: [Bt, E, L]; A: [E, N]; B, C: [Bt, N, L]; D, delta_bias: [E]; initial_state: [Bt or 1, E, N].
-    Returns y [Bt, E, L] in u's dtype. The scan itself runs in fp32 (the SSM parameters stay fp32 under
-    autocast), as mamba-ssm's kernels do.
-    """
-    dtype = u.dtype
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        uf, df = u.float(), delta.float()
-        if delta_bias is not None:
-            df = df + delta_bias.float()[:, None]
-        if delta_softplus:
-            df = F.softplus(df)
-        bt, e, _ = uf.shape
-        h0 = None if initial_state is None else initial_state.float().expand(bt, e, A.shape[1]).contiguous()
-        Bm = B.float().transpose(1, 2).contiguous()  # [Bt, L, N]
-        Cm = C.float().transpose(1, 2).contiguous()  # [Bt, L, N]
-        which = resolve_impl(impl)
-        if which == "compiled" and uf.device.type == "cpu":
-            y = _CompiledScan.apply(uf.contiguous(), df.contiguous(), A.float().contiguous(), Bm, Cm, h0)
-        elif which == "reference":
-            y = _reference_scan(uf, df, A.float(), Bm, Cm, h0)
-        else:
-            y = _torch_scan(uf, df, A.float(), Bm, Cm, h0)
-        if D is not None:
-            y = y + uf * D.float()[:, None]
-        if z is not None:
-            y = y * F.silu(z.float())
-    return y.to(dtype)
+    """The same scan with mamba-ssm's channel-major layout: u, delta, z [Bt, E, L]; B, C [Bt, N, L];
+    returns [Bt, E, L]."""
+    y = selective_scan_tokens(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                              D=D, z=None if z is None else z.transpose(1, 2), delta_bias=delta_bias,
+                              delta_softplus=delta_softplus, initial_state=initial_state, impl=impl)
+    return y.transpose(1, 2)

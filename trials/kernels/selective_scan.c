@@ -1,103 +1,132 @@
-/* Fused selective scan (Mamba-1) for CPU: forward and backward over one (batch, channel) row at a time.
+/* Fused selective scan (Mamba-1) for CPU, token-major, with the gate, skip and dt softplus fused in.
  *
- * Notation (trials/scan.py): Bt = batch, E = channels, L = length, N = state size, K = CHUNK.
- *   u, delta, y, du, ddelta : [Bt, E, L]   (delta already softplus'ed and biased)
- *   A                        : [E, N];  dA_part [Bt, E, N] (summed over the batch by the caller)
- *   Bm, Cm, dB, dC           : [Bt, L, N]   (time-major inside a batch row, so the n loop is contiguous)
- *   Hc                       : [Bt, E, ceil(L / K), N]  the state entering each chunk of K steps
- *   h0, dh0                  : [Bt, E, N] initial state (h0 may be NULL)
- * h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t ;  y_t = <h_t, C_t>
- * Only one state per chunk is kept; the backward recomputes a chunk's states (and decays) into a small
- * buffer before walking it in reverse, so memory and memory traffic stay a K-th of storing every state.
- * Rows of one batch element are handled by one thread, so dB and dC need no atomics.
+ * Notation (trials/scan.py): Bt batch, L length, E channels, N state size, K = CHUNK.
+ *   x, dt_raw, z, y, dx, ddt_raw, dz : [Bt, L, E]   (the layout in_proj and x_proj produce: no transposes)
+ *   A [E, N]; D, dt_bias [E]; Bm, Cm, dB, dC [Bt, L, N]; h0, dh0 [Bt, E, N]
+ *   Hc [Bt, ceil(L / K), E, N]: the state entering each chunk of K steps (all the backward keeps)
+ *   dA_part [Bt, E, N], dD_part, dbias_part [Bt, E]: per-batch partial sums, reduced by the caller
+ * dt_t = softplus(dt_raw_t + dt_bias)          (plain sum when softplus is 0)
+ * h_t  = exp(dt_t A) h_{t-1} + dt_t x_t B_t ;  s_t = <h_t, C_t> + D x_t ;  y_t = s_t silu(z_t)
+ * Optional pointers (dt_bias, D, z, h0) may be NULL. One thread handles one batch element, so the sums over
+ * channels (dB, dC) need no atomics; the backward recomputes each chunk's states from its checkpoint.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define CHUNK 16
 
-void scan_forward(const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
-                  const float *h0, float *y, float *Hc, int64_t Bt, int64_t E, int64_t L, int64_t N,
-                  int nthreads) {
-    const int64_t n_chunks = (L + CHUNK - 1) / CHUNK;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < Bt; b++) {
-        float h[N];
-        for (int64_t e = 0; e < E; e++) {
-            const int64_t row = b * E + e;
-            const float *a_row = A + e * N, *u_row = u + row * L, *d_row = delta + row * L;
-            float *y_row = y + row * L, *Hc_row = Hc + row * n_chunks * N;
-            if (h0) memcpy(h, h0 + row * N, N * sizeof(float));
-            else memset(h, 0, N * sizeof(float));
-            for (int64_t t = 0; t < L; t++) {
-                if (t % CHUNK == 0) memcpy(Hc_row + (t / CHUNK) * N, h, N * sizeof(float));
-                const float dt = d_row[t], dx = dt * u_row[t];
-                const float *B_t = Bm + (b * L + t) * N, *C_t = Cm + (b * L + t) * N;
-                float acc = 0.f;
-                for (int64_t n = 0; n < N; n++) {
-                    h[n] = expf(dt * a_row[n]) * h[n] + dx * B_t[n];
-                    acc += h[n] * C_t[n];
-                }
-                y_row[t] = acc;
-            }
-        }
-    }
-}
-
-void scan_backward(const float *u, const float *delta, const float *A, const float *Bm, const float *Cm,
-                   const float *Hc, const float *dy, float *du, float *ddelta, float *dA_part, float *dB,
-                   float *dC, float *dh0, int64_t Bt, int64_t E, int64_t L, int64_t N, int nthreads) {
-    const int64_t n_chunks = (L + CHUNK - 1) / CHUNK;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < Bt; b++) {
-        float g[N], dA_acc[N];
-        float hs[(CHUNK + 1) * N], as[CHUNK * N]; /* states entering and leaving each step; decays */
-        for (int64_t e = 0; e < E; e++) {
-            const int64_t row = b * E + e;
-            const float *a_row = A + e * N, *u_row = u + row * L, *d_row = delta + row * L;
-            const float *dy_row = dy + row * L, *Hc_row = Hc + row * n_chunks * N;
-            memset(g, 0, N * sizeof(float));
-            memset(dA_acc, 0, N * sizeof(float));
-            for (int64_t c = n_chunks - 1; c >= 0; c--) {
-                const int64_t t0 = c * CHUNK, t1 = t0 + CHUNK < L ? t0 + CHUNK : L;
-                /* recompute: hs[k] is the state before step t0 + k, hs[k + 1] after it */
-                memcpy(hs, Hc_row + c * N, N * sizeof(float));
-                for (int64_t t = t0; t < t1; t++) {
-                    const int64_t k = t - t0;
-                    const float dt = d_row[t], dx = dt * u_row[t];
-                    const float *B_t = Bm + (b * L + t) * N;
-                    for (int64_t n = 0; n < N; n++) {
-                        const float a = expf(dt * a_row[n]);
-                        as[k * N + n] = a;
-                        hs[(k + 1) * N + n] = a * hs[k * N + n] + dx * B_t[n];
-                    }
-                }
-                for (int64_t t = t1 - 1; t >= t0; t--) {
-                    const int64_t k = t - t0;
-                    const float dt = d_row[t], x = u_row[t], dx = dt * x, gy = dy_row[t];
-                    const float *B_t = Bm + (b * L + t) * N, *C_t = Cm + (b * L + t) * N;
-                    float *dB_t = dB + (b * L + t) * N, *dC_t = dC + (b * L + t) * N;
-                    const float *h_prev = hs + k * N, *h_t = hs + (k + 1) * N, *a_t = as + k * N;
-                    float ddt = 0.f, ddx = 0.f;
-                    for (int64_t n = 0; n < N; n++) {
-                        const float gn = g[n] + gy * C_t[n];  /* dLoss/dh_t */
-                        const float da = gn * h_prev[n] * a_t[n]; /* through a_t = exp(dt A) */
-                        dC_t[n] += gy * h_t[n];
-                        ddt += da * a_row[n];
-                        dA_acc[n] += da * dt;
-                        ddx += gn * B_t[n];
-                        dB_t[n] += gn * dx;
-                        g[n] = gn * a_t[n];                   /* to h_{t-1} */
-                    }
-                    ddelta[row * L + t] = ddt + ddx * x;
-                    du[row * L + t] = ddx * dt;
-                }
-            }
-            memcpy(dh0 + row * N, g, N * sizeof(float));
-            memcpy(dA_part + row * N, dA_acc, N * sizeof(float));
-        }
-    }
-}
+static inline float softplus_f(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+static inline float sigmoid_f(float v) { return 1.f / (1.f + expf(-v)); }
 
 int scan_chunk(void) { return CHUNK; }
+
+void scan_forward(const float *x, const float *dt_raw, const float *dt_bias, const float *A, const float *Bm,
+                  const float *Cm, const float *D, const float *z, const float *h0, float *y, float *Hc,
+                  int softplus, int64_t Bt, int64_t L, int64_t E, int64_t N, int nthreads) {
+    const int64_t n_chunks = (L + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < Bt; b++) {
+        float *h = malloc(E * N * sizeof(float));
+        if (h0) memcpy(h, h0 + b * E * N, E * N * sizeof(float));
+        else memset(h, 0, E * N * sizeof(float));
+        for (int64_t t = 0; t < L; t++) {
+            if (t % CHUNK == 0) memcpy(Hc + (b * n_chunks + t / CHUNK) * E * N, h, E * N * sizeof(float));
+            const int64_t bt = b * L + t;
+            const float *B_t = Bm + bt * N, *C_t = Cm + bt * N;
+            for (int64_t e = 0; e < E; e++) {
+                const float raw = dt_raw[bt * E + e] + (dt_bias ? dt_bias[e] : 0.f);
+                const float dt = softplus ? softplus_f(raw) : raw, xv = x[bt * E + e], dxv = dt * xv;
+                const float *a_row = A + e * N;
+                float *h_e = h + e * N, acc = 0.f;
+                for (int64_t n = 0; n < N; n++) {
+                    h_e[n] = expf(dt * a_row[n]) * h_e[n] + dxv * B_t[n];
+                    acc += h_e[n] * C_t[n];
+                }
+                if (D) acc += D[e] * xv;
+                if (z) { const float zv = z[bt * E + e]; acc *= zv * sigmoid_f(zv); }
+                y[bt * E + e] = acc;
+            }
+        }
+        free(h);
+    }
+}
+
+void scan_backward(const float *x, const float *dt_raw, const float *dt_bias, const float *A, const float *Bm,
+                   const float *Cm, const float *D, const float *z, const float *Hc, const float *dy,
+                   float *dx, float *ddt_raw, float *dz, float *dA_part, float *dB, float *dC, float *dD_part,
+                   float *dbias_part, float *dh0, int softplus, int64_t Bt, int64_t L, int64_t E, int64_t N,
+                   int nthreads) {
+    const int64_t n_chunks = (L + CHUNK - 1) / CHUNK, EN = E * N;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < Bt; b++) {
+        float *g = calloc(EN, sizeof(float));             /* dLoss/dh flowing back from later steps */
+        float *dA_acc = calloc(EN, sizeof(float));
+        float *hs = malloc((CHUNK + 1) * EN * sizeof(float)); /* hs[k]: state before step k of the chunk */
+        float *as = malloc(CHUNK * EN * sizeof(float));       /* decays exp(dt A) */
+        float *ss = malloc(CHUNK * E * sizeof(float));        /* s_t before the gate */
+        float *dD_acc = dD_part + b * E, *dbias_acc = dbias_part + b * E;
+        memset(dD_acc, 0, E * sizeof(float));
+        memset(dbias_acc, 0, E * sizeof(float));
+        for (int64_t c = n_chunks - 1; c >= 0; c--) {
+            const int64_t t0 = c * CHUNK, t1 = t0 + CHUNK < L ? t0 + CHUNK : L;
+            memcpy(hs, Hc + (b * n_chunks + c) * EN, EN * sizeof(float));
+            for (int64_t t = t0; t < t1; t++) {
+                const int64_t k = t - t0, bt = b * L + t;
+                const float *B_t = Bm + bt * N, *C_t = Cm + bt * N;
+                for (int64_t e = 0; e < E; e++) {
+                    const float raw = dt_raw[bt * E + e] + (dt_bias ? dt_bias[e] : 0.f);
+                    const float dt = softplus ? softplus_f(raw) : raw, xv = x[bt * E + e], dxv = dt * xv;
+                    const float *a_row = A + e * N, *hp = hs + k * EN + e * N;
+                    float *hn = hs + (k + 1) * EN + e * N, *an = as + k * EN + e * N, acc = 0.f;
+                    for (int64_t n = 0; n < N; n++) {
+                        an[n] = expf(dt * a_row[n]);
+                        hn[n] = an[n] * hp[n] + dxv * B_t[n];
+                        acc += hn[n] * C_t[n];
+                    }
+                    ss[k * E + e] = acc + (D ? D[e] * xv : 0.f);
+                }
+            }
+            for (int64_t t = t1 - 1; t >= t0; t--) {
+                const int64_t k = t - t0, bt = b * L + t;
+                const float *B_t = Bm + bt * N, *C_t = Cm + bt * N;
+                float *dB_t = dB + bt * N, *dC_t = dC + bt * N;
+                for (int64_t e = 0; e < E; e++) {
+                    const int64_t i = bt * E + e;
+                    const float raw = dt_raw[i] + (dt_bias ? dt_bias[e] : 0.f);
+                    const float dt = softplus ? softplus_f(raw) : raw, xv = x[i], dxv = dt * xv;
+                    float gs = dy[i];                          /* dLoss/ds_t */
+                    if (z) {
+                        const float zv = z[i], sg = sigmoid_f(zv);
+                        dz[i] = dy[i] * ss[k * E + e] * sg * (1.f + zv * (1.f - sg));
+                        gs = dy[i] * zv * sg;
+                    }
+                    float dxd = 0.f;
+                    if (D) { dD_acc[e] += gs * xv; dxd = gs * D[e]; }
+                    const float *a_row = A + e * N, *hp = hs + k * EN + e * N, *hn = hs + (k + 1) * EN + e * N;
+                    const float *an = as + k * EN + e * N;
+                    float *g_e = g + e * N, *dA_e = dA_acc + e * N, ddt = 0.f, ddx = 0.f;
+                    for (int64_t n = 0; n < N; n++) {
+                        const float gn = g_e[n] + gs * C_t[n];   /* dLoss/dh_t */
+                        const float da = gn * hp[n] * an[n];      /* through exp(dt A) */
+                        dC_t[n] += gs * hn[n];
+                        ddt += da * a_row[n];
+                        dA_e[n] += da * dt;
+                        ddx += gn * B_t[n];
+                        dB_t[n] += gn * dxv;
+                        g_e[n] = gn * an[n];
+                    }
+                    const float ddt_total = ddt + ddx * xv;
+                    const float draw = softplus ? ddt_total * sigmoid_f(raw) : ddt_total;
+                    ddt_raw[i] = draw;
+                    dbias_acc[e] += draw;
+                    dx[i] = ddx * dt + dxd;
+                }
+            }
+        }
+        memcpy(dh0 + b * EN, g, EN * sizeof(float));
+        memcpy(dA_part + b * EN, dA_acc, EN * sizeof(float));
+        free(g); free(dA_acc); free(hs); free(as); free(ss);
+    }
+}
