@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from trials.scan import Impl, selective_scan_tokens
+from trials.scan import Impl, causal_conv, selective_scan_tokens
 
 HOOKS = ("initial_state", "affix_tokens")
 
@@ -76,7 +76,10 @@ class FastMambaMixer(MambaMixer):
             if mask is not None:
                 mask = torch.cat([mask.new_ones(bt, n_affix), mask], dim=1)  # [Bt, n + L]
         x, z = xz.chunk(2, dim=-1)  # [Bt, L', E] each
-        x = self.act(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))  # [Bt, L', E]
+        if self.activation == "silu":
+            x = causal_conv(x, self.conv1d.weight, self.conv1d.bias, silu=True, impl=self.scan_impl)
+        else:
+            x = self.act(causal_conv(x, self.conv1d.weight, self.conv1d.bias, silu=False, impl=self.scan_impl))
         if mask is not None:
             x = x * mask[..., None]
         n_state = self.A_log.shape[1]
@@ -91,19 +94,6 @@ class FastMambaMixer(MambaMixer):
         if n_affix:
             y = y[:, n_affix:]  # the affix positions are dropped
         return self.out_proj(y.to(hidden_states.dtype))  # [Bt, L, D]
-
-
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``nn.Conv1d(E, E, K, groups=E, padding=K - 1)`` truncated to the first L outputs, on token-major
-    x [Bt, L, E] with weight [E, 1, K]: K shifted multiply-adds instead of two transposes and a conv."""
-    k = weight.shape[-1]
-    length = x.shape[1]
-    padded = F.pad(x, (0, 0, k - 1, 0))  # [Bt, L + K - 1, E]
-    w = weight[:, 0, :].t()  # [K, E]
-    out = padded[:, :length] * w[0]
-    for i in range(1, k):
-        out = torch.addcmul(out, padded[:, i : i + length], w[i])  # [Bt, L, E]
-    return out + bias if bias is not None else out
 
 
 def install_fast_mixer(lm: Any, impl: Impl = "auto") -> int:

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 Impl = Literal["auto", "compiled", "torch", "reference"]
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "selective_scan.c"
+# -ffast-math lets the state loop vectorise (with glibc's vector expf); 512-bit vectors hold N = 16 at once.
+CFLAGS = ("-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
 _lib_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -65,7 +67,7 @@ def _cpu_key() -> str:
 def build_kernel() -> Path:
     """Compile the kernel into the cache (atomically, so concurrent workers never see half a file)."""
     src = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(src + _cpu_key().encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     out = _cache_dir() / f"selective_scan-{key}.so"
     if out.exists():
         return out
@@ -75,8 +77,7 @@ def build_kernel() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         tmp_path = tmp.name
-    cmd = [cc, "-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", str(KERNEL_SOURCE),
-           "-o", tmp_path, "-lm"]
+    cmd = [cc, *CFLAGS, str(KERNEL_SOURCE), "-o", tmp_path, "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp_path)
@@ -98,6 +99,8 @@ def load_kernel() -> ctypes.CDLL | None:
                 lib.scan_forward.argtypes = [p] * 11 + [c_int] + [i64] * 4 + [c_int]
                 lib.scan_backward.argtypes = [p] * 19 + [c_int] + [i64] * 4 + [c_int]
                 lib.scan_chunk.restype = c_int
+                lib.conv_forward.argtypes = [p, i64, p, p, p, c_int] + [i64] * 4 + [c_int]
+                lib.conv_backward.argtypes = [p, i64, p, p, p, p, p, p, c_int] + [i64] * 4 + [c_int]
                 _lib = lib
             except (OSError, RuntimeError) as exc:
                 _lib_error = str(exc)
@@ -153,6 +156,56 @@ class _CompiledScan(torch.autograd.Function):
                           bt, length, e, n, torch.get_num_threads())
         return (dx, ddt, da_part.sum(0), dB, dC, dd_part.sum(0) if has_d else None, dz,
                 dbias_part.sum(0) if has_bias else None, dh0 if has_h0 else None, None)
+
+
+class _CompiledConv(torch.autograd.Function):
+    """Causal depthwise conv (+ SiLU) on token-major x [Bt, L, E], which may be a strided view of in_proj's
+    output (its token stride is passed to the kernel, so nothing is copied)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act):  # x [Bt, L, E] with x.stride(2) == 1; weight [E, K]; bias [E]
+        lib = load_kernel()
+        assert lib is not None
+        bt, length, e = x.shape
+        out = torch.empty(bt, length, e, dtype=x.dtype)
+        lib.conv_forward(_ptr(x), x.stride(1), _ptr(weight), _ptr(bias), _ptr(out), int(act), bt, length, e,
+                         weight.shape[1], torch.get_num_threads())
+        ctx.save_for_backward(x, weight, bias)
+        ctx.act = act
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        lib = load_kernel()
+        assert lib is not None
+        x, weight, bias = ctx.saved_tensors
+        bt, length, e = x.shape
+        k = weight.shape[1]
+        dout = dout.contiguous().float()
+        dx = torch.empty(bt, length, e, dtype=x.dtype)
+        dw_part, db_part = torch.empty(bt, e, k, dtype=x.dtype), torch.empty(bt, e, dtype=x.dtype)
+        lib.conv_backward(_ptr(x), x.stride(1), _ptr(weight), _ptr(bias), _ptr(dout), _ptr(dx), _ptr(dw_part),
+                          _ptr(db_part), int(ctx.act), bt, length, e, k, torch.get_num_threads())
+        return dx, dw_part.sum(0), db_part.sum(0) if bias is not None else None, None
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True,
+                impl: Impl = "auto") -> torch.Tensor:
+    """``nn.Conv1d(E, E, K, groups=E, padding=K - 1)`` on the first L outputs (then SiLU when ``silu``), on
+    token-major x [Bt, L, E] with weight [E, 1, K]."""
+    which = resolve_impl(impl)
+    w = weight[:, 0, :]  # [E, K]
+    if which == "compiled" and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(2) == 1:
+        return _CompiledConv.apply(x, w.float().contiguous(), None if bias is None else bias.float().contiguous(),
+                                   silu)
+    k, length = w.shape[1], x.shape[1]
+    padded = F.pad(x, (0, 0, k - 1, 0))  # [Bt, L + K - 1, E]
+    out = padded[:, :length] * w[:, 0]
+    for i in range(1, k):
+        out = torch.addcmul(out, padded[:, i : i + length], w[:, i])  # [Bt, L, E]
+    if bias is not None:
+        out = out + bias
+    return F.silu(out) if silu else out
 
 
 # --- the pure-PyTorch path -----------------------------------------------------------------------------

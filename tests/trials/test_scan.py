@@ -218,3 +218,23 @@ def test_cuda_path_uses_the_effective_weights():
         want = cpu(ids).logits
         got = cpu.cuda()(ids.cuda()).logits.cpu()
     assert rel(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "linear"])
+def test_causal_conv_matches_torch_conv1d_on_a_strided_view(impl, silu):
+    from trials.scan import causal_conv
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    bt, length, e, k = 3, 21, 10, 4
+    xz = torch.randn(bt, length, 2 * e, generator=gen, requires_grad=True)  # x is the strided first half
+    conv = torch.nn.Conv1d(e, e, k, groups=e, padding=k - 1)
+    out = causal_conv(xz[..., :e], conv.weight, conv.bias, silu=silu, impl=impl)
+    want = conv(xz[..., :e].transpose(1, 2))[..., :length].transpose(1, 2)
+    want = torch.nn.functional.silu(want) if silu else want
+    w = torch.randn(bt, length, e, generator=gen)
+    got_grads = torch.autograd.grad((out * w).sum(), [xz, conv.weight, conv.bias])
+    want_grads = torch.autograd.grad((want * w).sum(), [xz, conv.weight, conv.bias])
+    assert rel(out.detach(), want.detach()) < 1e-4
+    for got, ref in zip(got_grads, want_grads, strict=True):
+        assert rel(got, ref) < 1e-4

@@ -130,3 +130,77 @@ void scan_backward(const float *x, const float *dt_raw, const float *dt_bias, co
         free(g); free(dA_acc); free(hs); free(as); free(ss);
     }
 }
+
+/* Causal depthwise convolution + SiLU, token-major (what nn.Conv1d(E, E, K, groups=E, padding=K - 1) does
+ * on the first L outputs, then the activation), reading x straight out of in_proj's [Bt, L, 2E] output.
+ *   x: [Bt, L, *] with row stride `stride` (elements between consecutive tokens); w [E, K]; bias [E] or NULL
+ *   out, dout, dx: [Bt, L, E];  dw_part [Bt, E, K], dbias_part [Bt, E]: per-batch partial sums
+ * pre_t = bias + sum_k w[k] x_{t-K+1+k} ;  out_t = silu(pre_t) when act, else pre_t.
+ */
+void conv_forward(const float *x, int64_t stride, const float *w, const float *bias, float *out, int act,
+                  int64_t Bt, int64_t L, int64_t E, int64_t K, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < Bt; b++) {
+        for (int64_t t = 0; t < L; t++) {
+            float *o = out + (b * L + t) * E;
+            for (int64_t e = 0; e < E; e++) o[e] = bias ? bias[e] : 0.f;
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t s = t - K + 1 + k;
+                if (s < 0) continue;
+                const float *xs = x + (b * L + s) * stride;
+                for (int64_t e = 0; e < E; e++) o[e] += w[e * K + k] * xs[e];
+            }
+            if (act)
+                for (int64_t e = 0; e < E; e++) o[e] = o[e] / (1.f + expf(-o[e]));
+        }
+    }
+}
+
+void conv_backward(const float *x, int64_t stride, const float *w, const float *bias, const float *dout,
+                   float *dx, float *dw_part, float *dbias_part, int act, int64_t Bt, int64_t L, int64_t E,
+                   int64_t K, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < Bt; b++) {
+        float *dpre = malloc(L * E * sizeof(float)); /* dLoss/dpre for this batch row */
+        float *dw = dw_part + b * E * K, *db = dbias_part + b * E;
+        memset(dw, 0, E * K * sizeof(float));
+        memset(db, 0, E * sizeof(float));
+        for (int64_t t = 0; t < L; t++) {
+            float *dp = dpre + t * E;
+            const float *go = dout + (b * L + t) * E;
+            if (act) {
+                for (int64_t e = 0; e < E; e++) dp[e] = bias ? bias[e] : 0.f;
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t s = t - K + 1 + k;
+                    if (s < 0) continue;
+                    const float *xs = x + (b * L + s) * stride;
+                    for (int64_t e = 0; e < E; e++) dp[e] += w[e * K + k] * xs[e];
+                }
+                for (int64_t e = 0; e < E; e++) {
+                    const float sg = 1.f / (1.f + expf(-dp[e]));
+                    dp[e] = go[e] * sg * (1.f + dp[e] * (1.f - sg));
+                }
+            } else {
+                memcpy(dp, go, E * sizeof(float));
+            }
+            for (int64_t e = 0; e < E; e++) db[e] += dp[e];
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t s = t - K + 1 + k;
+                if (s < 0) continue;
+                const float *xs = x + (b * L + s) * stride;
+                for (int64_t e = 0; e < E; e++) dw[e * K + k] += dp[e] * xs[e];
+            }
+        }
+        for (int64_t s = 0; s < L; s++) {
+            float *d = dx + (b * L + s) * E;
+            memset(d, 0, E * sizeof(float));
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t t = s + K - 1 - k;
+                if (t >= L) continue;
+                const float *dp = dpre + t * E;
+                for (int64_t e = 0; e < E; e++) d[e] += w[e * K + k] * dp[e];
+            }
+        }
+        free(dpre);
+    }
+}
