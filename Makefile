@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test dashboard lint pretrain clean
+.PHONY: setup run test dashboard lint pretrain bench clean
 
 # torch is installed pinned before anything that depends on it: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -19,17 +19,21 @@ run: $(STAMP)
 	$(BIN)/python -m search.run space.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check search space trials dashboard benchmarks tests
 	$(BIN)/python -m pytest
 
 dashboard: $(STAMP)
 	$(BIN)/streamlit run dashboard/app.py --server.headless true
 
 lint: $(STAMP)
-	$(BIN)/ruff check search space trials dashboard tests
-	$(BIN)/mypy search space trials dashboard
+	$(BIN)/ruff check search space trials dashboard benchmarks tests
+	$(BIN)/mypy search space trials dashboard benchmarks
 
 pretrain: $(STAMP)
 	$(BIN)/python -m trials.pretrain --out trials/assets/tiny-mamba
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.scan
+
 clean:
-	rm -rf $(VENV) .search-runs mlruns mlflow.db
+	rm -rf $(VENV) runs outputs best.yaml

@@ -135,9 +135,31 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str 
     return correct / max(1, len(split))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a trial's peak-memory window. A reused Ray worker runs many trials in one process, so the
+    process-lifetime peak would report the largest trial so far; on Linux writing 5 to clear_refs resets
+    the resident-set high-water mark (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the process-lifetime peak is reported instead
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since ``reset_peak_memory``: CUDA allocations, or the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
@@ -161,8 +183,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     ``finished: True``.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     built = built or build_trial(cfg, data, device)
     model, t = built.model, cfg.training
     steps = steps or t.steps

@@ -51,3 +51,17 @@ def test_unknown_checkpoint_is_a_clear_error():
     cfg = TrialConfig.from_yaml(small_trial_yaml(checkpoint="/nonexistent/model"))
     with pytest.raises(FileNotFoundError, match="model.checkpoint: cannot load '/nonexistent/model'"):
         run_trial(cfg)
+
+
+def test_peak_memory_window_restarts_for_each_trial():
+    import torch
+
+    from trials.run import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    big = torch.ones(64 * 2**20 // 4)  # 64 MB touched
+    high = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < high - 32
