@@ -123,6 +123,13 @@ def test_mlflow_is_healthchecked_and_accepts_its_service_name(services):
     assert re.search(r"--allowed-hosts \S*mlflow", command), command
 
 
+def test_stores_name_the_installed_postgres_driver(services):
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the project does not install.
+    assert "--backend-store-uri postgresql+psycopg2://" in command_text(services["mlflow"])
+    storage = load_space(REPO / "docker" / "space.compose.yaml").search.optuna_storage or ""
+    assert storage.startswith("postgresql+psycopg2://")
+
+
 def test_compose_space_file_targets_the_compose_stores():
     space = load_space(REPO / "docker" / "space.compose.yaml")
     storage = urlparse(space.search.optuna_storage or "")

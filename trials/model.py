@@ -73,7 +73,8 @@ class SequenceClassifier(nn.Module):
 
     def pooled(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         inputs = self.embed(ids)  # [B, L, D]
-        states = self.backbone(inputs_embeds=inputs).last_hidden_state  # [B, L, D]
+        # No generation cache: with one, transformers (and so our mixer) take the step-by-step cached path.
+        states = self.backbone(inputs_embeds=inputs, use_cache=False).last_hidden_state  # [B, L, D]
         if self.pooling == "last":
             idx = (lengths - 1).clamp(min=0)
             return states[torch.arange(states.shape[0]), idx]  # [B, D]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -101,8 +100,8 @@ def test_train_with_a_bad_config_exits_2(tmp_path, capsys):
     assert "best.yaml: methods.lora_in_proj" in capsys.readouterr().err
 
 
-def _postgres_database():
-    """A fresh database on the local PostgreSQL, or None where there is none (never None in CI)."""
+def _postgres_databases(count: int):
+    """Fresh databases on the local PostgreSQL, or None where there is none (never None in CI)."""
     try:
         import psycopg2
 
@@ -112,31 +111,34 @@ def _postgres_database():
             raise AssertionError(f"PostgreSQL is required in CI: {exc}") from exc
         return None
     conn.autocommit = True
-    name = f"mps_test_{uuid.uuid4().hex[:10]}"
+    names = [f"mps_test_{uuid.uuid4().hex[:10]}" for _ in range(count)]
     with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    return conn, name
+        for name in names:
+            cur.execute(f"CREATE DATABASE {name}")
+    return conn, names
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_search_with_optuna_and_mlflow_on_postgresql(tmp_path):
-    db = _postgres_database()
-    if db is None:
+    # Two databases, as in docker-compose.yml: Optuna and MLflow both keep an alembic_version table.
+    dbs = _postgres_databases(2)
+    if dbs is None:
         pytest.skip("no PostgreSQL on 127.0.0.1:5432 (this test is required in CI)")
-    conn, name = db
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    conn, (optuna_db, mlflow_db) = dbs
+    optuna_url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{optuna_db}"
+    mlflow_url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{mlflow_db}"
     try:
-        extra = f"  optuna_storage: {url}\n  study_name: pg-study\ntracking: {{uri: '{url}'}}\n"
+        extra = f"  optuna_storage: {optuna_url}\n  study_name: pg-study\ntracking: {{uri: '{mlflow_url}'}}\n"
         # `extra` continues the `search:` block, then opens `tracking:`
         run_search(tmp_path, trials=2, extra=extra)
-        check_search_and_export(tmp_path, url, 2)
+        check_search_and_export(tmp_path, mlflow_url, 2)
         import optuna
 
-        study = optuna.load_study(study_name="pg-study", storage=url)
+        study = optuna.load_study(study_name="pg-study", storage=optuna_url)
         assert len(study.trials) == 2
     finally:
         with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            for name in (optuna_db, mlflow_db):
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.close()
-        os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -65,3 +65,17 @@ def test_peak_memory_window_restarts_for_each_trial():
     del big
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < high - 32
+
+
+def test_evaluation_runs_on_the_project_scan_not_the_generation_cache_path(monkeypatch, small_trial):
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    from trials.run import build_trial, evaluate
+
+    built = build_trial(small_trial)
+
+    def cached_path(*args, **kwargs):
+        raise AssertionError("evaluation went through transformers' cached (step-by-step) path")
+
+    monkeypatch.setattr(MambaMixer, "forward", cached_path)
+    assert 0.0 <= evaluate(built.model, built.data.val) <= 1.0
