@@ -137,19 +137,25 @@ void scan_backward(const float *x, const float *dt_raw, const float *dt_bias, co
  *   out, dout, dx: [Bt, L, E];  dw_part [Bt, E, K], dbias_part [Bt, E]: per-batch partial sums
  * pre_t = bias + sum_k w[k] x_{t-K+1+k} ;  out_t = silu(pre_t) when act, else pre_t.
  */
+/* pre[e] = bias[e] + sum_k w[e, k] x[b, t - K + 1 + k, e] (zero before the sequence starts) */
+static inline void conv_pre(const float *x, int64_t stride, const float *w, const float *bias, int64_t b,
+                            int64_t t, int64_t L, int64_t E, int64_t K, float *pre) {
+    for (int64_t e = 0; e < E; e++) pre[e] = bias ? bias[e] : 0.f;
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t s = t - K + 1 + k;
+        if (s < 0) continue;
+        const float *xs = x + (b * L + s) * stride;
+        for (int64_t e = 0; e < E; e++) pre[e] += w[e * K + k] * xs[e];
+    }
+}
+
 void conv_forward(const float *x, int64_t stride, const float *w, const float *bias, float *out, int act,
                   int64_t Bt, int64_t L, int64_t E, int64_t K, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < Bt; b++) {
         for (int64_t t = 0; t < L; t++) {
             float *o = out + (b * L + t) * E;
-            for (int64_t e = 0; e < E; e++) o[e] = bias ? bias[e] : 0.f;
-            for (int64_t k = 0; k < K; k++) {
-                const int64_t s = t - K + 1 + k;
-                if (s < 0) continue;
-                const float *xs = x + (b * L + s) * stride;
-                for (int64_t e = 0; e < E; e++) o[e] += w[e * K + k] * xs[e];
-            }
+            conv_pre(x, stride, w, bias, b, t, L, E, K, o);
             if (act)
                 for (int64_t e = 0; e < E; e++) o[e] = o[e] / (1.f + expf(-o[e]));
         }
@@ -169,13 +175,7 @@ void conv_backward(const float *x, int64_t stride, const float *w, const float *
             float *dp = dpre + t * E;
             const float *go = dout + (b * L + t) * E;
             if (act) {
-                for (int64_t e = 0; e < E; e++) dp[e] = bias ? bias[e] : 0.f;
-                for (int64_t k = 0; k < K; k++) {
-                    const int64_t s = t - K + 1 + k;
-                    if (s < 0) continue;
-                    const float *xs = x + (b * L + s) * stride;
-                    for (int64_t e = 0; e < E; e++) dp[e] += w[e * K + k] * xs[e];
-                }
+                conv_pre(x, stride, w, bias, b, t, L, E, K, dp); /* recompute the pre-activation */
                 for (int64_t e = 0; e < E; e++) {
                     const float sg = 1.f / (1.f + expf(-dp[e]));
                     dp[e] = go[e] * sg * (1.f + dp[e] * (1.f - sg));
