@@ -29,34 +29,61 @@ class MethodConfig(Strict):
     weight_decay_mult: float = Field(default=1.0, ge=0)
 
 
-class LoraInProjSpace(MethodSpace):
-    """LoRA on ``mixer.in_proj`` (all 2E output rows): W' = W + scale * B A, B zero-initialised."""
+class LoraSpace(MethodSpace):
+    """LoRA on one weight (or a block of its output rows): W' = W + scale * B A, B zero-initialised."""
 
     rank: Annotated[SearchInt, bounded(int, ge=1)] = 4
     scale: Annotated[SearchFloat, bounded(float, gt=0)] = 1.0
     weight_decay_mult: DecayMult = 0.0
 
 
-class LoraInProjConfig(MethodConfig):
+class LoraConfig(MethodConfig):
     rank: int = Field(default=4, ge=1)
     scale: float = Field(default=1.0, gt=0)
     weight_decay_mult: float = Field(default=0.0, ge=0)
 
 
-class ALogDeltaSpace(MethodSpace):
-    """Partial tuning of A: a zero-initialised additive delta on ``mixer.A_log`` [E, N]; its weight decay
-    (amplified by ``weight_decay_mult``) pulls A back toward the pretrained value."""
+class DeltaSpace(MethodSpace):
+    """Partial tuning: a zero-initialised additive delta on one tensor (A_log, D, conv1d weight, dt bias). Its
+    weight decay (amplified by ``weight_decay_mult``, 10 in the reference recipe) acts on the delta, pulling
+    the tensor back toward its pretrained value rather than toward zero."""
 
     weight_decay_mult: DecayMult = 10.0
 
 
-class ALogDeltaConfig(MethodConfig):
+class DeltaConfig(MethodConfig):
     weight_decay_mult: float = Field(default=10.0, ge=0)
 
 
+class BiasDeltaSpace(DeltaSpace):
+    weight_decay_mult: DecayMult = 100.0  # the reference recipe's bias-tuning decay
+
+
+class BiasDeltaConfig(DeltaConfig):
+    weight_decay_mult: float = Field(default=100.0, ge=0)
+
+
+# Names kept from the first two methods.
+LoraInProjSpace, LoraInProjConfig = LoraSpace, LoraConfig
+ALogDeltaSpace, ALogDeltaConfig = DeltaSpace, DeltaConfig
+
+_LORA = (LoraSpace, LoraConfig)
+_DELTA = (DeltaSpace, DeltaConfig)
+
 METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {
-    "lora_in_proj": (LoraInProjSpace, LoraInProjConfig),
-    "a_log_delta": (ALogDeltaSpace, ALogDeltaConfig),
+    "lora_in_proj": _LORA,  # all 2E rows of in_proj
+    "lora_in_proj_x": _LORA,  # the x half (rows 0..E-1): MambaPEFT's LoRA_p(X)
+    "lora_in_proj_z": _LORA,  # the z (gate) half: LoRA_p(Z)
+    "lora_x_proj": _LORA,  # all R + 2N rows of x_proj
+    "lora_x_proj_dt": _LORA,  # the dt rows of x_proj: LoRA_p(d)
+    "lora_x_proj_b": _LORA,  # the B rows: LoRA_p(B)
+    "lora_x_proj_c": _LORA,  # the C rows: LoRA_p(C)
+    "lora_dt_proj": _LORA,
+    "lora_out_proj": _LORA,
+    "a_log_delta": _DELTA,  # A-tuning
+    "d_delta": _DELTA,  # D-tuning
+    "conv1d_delta": _DELTA,  # conv1d-tuning (the weight)
+    "dt_bias_delta": (BiasDeltaSpace, BiasDeltaConfig),  # bias-tuning (dt_proj.bias)
 }
 
 

@@ -24,7 +24,7 @@ SCAN_PATHS = ("compiled", "torch", "mambapy")
 
 @pytest.fixture(params=SCAN_PATHS)
 def tiny_lm(request):
-    """A randomly initialised Mamba-1 small enough for exhaustive checks (D=16, E=32, N=4, 2 layers), on each
+    """A randomly initialised Mamba-1 small enough for exhaustive checks (D=32, E=64, N=4, R=2, 2 layers), on each
     execution path."""
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -33,7 +33,7 @@ def tiny_lm(request):
 
     quiet_transformers()
     torch.manual_seed(0)
-    cfg = MambaConfig(vocab_size=40, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2)
+    cfg = MambaConfig(vocab_size=40, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2)
     return use_scan(MambaForCausalLM(cfg), request.param).eval()
 
 

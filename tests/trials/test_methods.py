@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from transformers import MambaForCausalLM
 
-from space.methods import METHOD_SPACES, ALogDeltaConfig, LoraInProjConfig
+from space.methods import METHOD_SPACES, ALogDeltaConfig, DeltaConfig, LoraConfig, LoraInProjConfig
 from trials.methods import (
     REGISTRY,
     MethodError,
@@ -20,12 +18,15 @@ from trials.methods import (
     save_adapters,
 )
 
-CONFIGS = {"lora_in_proj": LoraInProjConfig(rank=3, scale=0.7), "a_log_delta": ALogDeltaConfig()}
-COMBOS = [combo for n in range(1, len(CONFIGS) + 1) for combo in itertools.combinations(sorted(CONFIGS), n)]
+CONFIGS = {name: (LoraConfig(rank=2, scale=0.7) if name.startswith("lora_") else config_cls())
+           for name, (_, config_cls) in METHOD_SPACES.items()}
+# Every method alone, every method at once, and pairs that stack two parametrisations on one tensor.
+COMBOS = ([(name,) for name in CONFIGS] + [tuple(CONFIGS)]
+          + [("lora_in_proj", "lora_in_proj_x"), ("lora_x_proj_b", "lora_x_proj_c"), ("a_log_delta", "lora_x_proj")])
 
 
 def ids(combo) -> str:
-    return "+".join(combo)
+    return "all" if len(combo) == len(CONFIGS) else "+".join(combo)
 
 
 def perturb(applied) -> None:
@@ -58,6 +59,15 @@ def test_closed_forms_reproduce_the_reference_per_layer_counts():
     assert REGISTRY["lora_in_proj"].count(LoraInProjConfig(rank=32), vim) == 61_440
     assert REGISTRY["lora_in_proj"].count(LoraInProjConfig(rank=32), ModelDims(384, 768, 16, 24, 4, 24, 1)) == 1_474_560
     assert 2 * 24 * REGISTRY["a_log_delta"].count(ALogDeltaConfig(), vim) == 589_824
+    # LoRA_p(X) r64: 1,769K (+9K head = 1,778K); LoRA(out_proj) r96: 2,654K (2,663K); LoRA(x_proj) r64, two
+    # scan directions, R = 24: 2,531K (2,540K); Conv1d-tuning, two directions: 147K (156K).
+    vim24 = ModelDims(D=384, E=768, N=16, R=24, K=4, L=24, V=1)
+    assert REGISTRY["lora_in_proj_x"].count(LoraConfig(rank=64), vim24) == 1_769_472
+    assert REGISTRY["lora_out_proj"].count(LoraConfig(rank=96), vim24) == 2_654_208
+    assert 2 * REGISTRY["lora_x_proj"].count(LoraConfig(rank=64), vim24) == 2_531_328
+    assert 2 * REGISTRY["conv1d_delta"].count(DeltaConfig(), vim24) == 147_456
+    # SDT's LoRA part on mamba-130m (D=768, E=1536): r8 on out_proj = 8 * 2304 per layer.
+    assert REGISTRY["lora_out_proj"].count(LoraConfig(rank=8), ModelDims(768, 1536, 16, 48, 4, 1, 1)) == 18_432
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=ids)
@@ -122,7 +132,7 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(tiny_lm, tiny_ids, tmp
 
 
 def test_lora_rank_above_the_weight_size_is_refused(tiny_lm):
-    with pytest.raises(MethodError, match=r"lora_in_proj.rank 99 exceeds"):
+    with pytest.raises(MethodError, match=r"lora_in_proj.rank 99 exceeds the adapted block"):
         apply_methods(tiny_lm, {"lora_in_proj": LoraInProjConfig(rank=99)})
 
 
@@ -140,14 +150,27 @@ def test_param_groups_carry_each_methods_multipliers(tiny_lm):
     assert groups["a_log_delta"]["weight_decay"] == pytest.approx(1e-3)
 
 
+def test_partial_lora_changes_only_its_block_of_rows(tiny_lm):
+    from trials.methods import apply_methods as apply
+
+    applied = apply(tiny_lm, {"lora_x_proj_b": LoraConfig(rank=2)})
+    perturb(applied)
+    mixer = tiny_lm.backbone.layers[0].mixer
+    delta = mixer.x_proj.weight - mixer.x_proj.parametrizations.weight.original  # [R + 2N, E]
+    r, n = mixer.time_step_rank, mixer.ssm_state_size
+    assert delta[r : r + n].abs().sum() > 0
+    assert delta[:r].abs().sum() == 0 and delta[r + n :].abs().sum() == 0
+
+
 def test_lora_on_in_proj_matches_the_peft_library(tiny_lm, tiny_ids):
     """Independent check: the same A and B in HF peft's LoRA give the same outputs."""
     import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    reference = get_peft_model(copy.deepcopy(tiny_lm), LoraConfig(r=3, lora_alpha=3 * 0.7, target_modules=["in_proj"],
-                                                                   lora_dropout=0.0))
+    reference = get_peft_model(copy.deepcopy(tiny_lm), PeftLoraConfig(r=2, lora_alpha=2 * 0.7,
+                                                                       target_modules=["in_proj"], lora_dropout=0.0))
     applied = apply_methods(tiny_lm, {"lora_in_proj": CONFIGS["lora_in_proj"]})
     perturb(applied)
     ours = dict(tiny_lm.named_parameters())

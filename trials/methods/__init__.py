@@ -3,7 +3,6 @@ combination to any Hugging Face Mamba model, count it, merge it, save and load i
 
 from __future__ import annotations
 
-from trials.methods.a_log_delta import ALogDelta
 from trials.methods.api import (
     AppliedMethods,
     apply_methods,
@@ -13,8 +12,10 @@ from trials.methods.api import (
     save_adapters,
 )
 from trials.methods.base import Method, MethodError, ModelDims
-from trials.methods.lora_in_proj import LoraInProj
+from trials.methods.lora import LORA_METHODS, Lora, LoraDelta
+from trials.methods.partial import PARTIAL_METHODS, AdditiveDelta, PartialDelta
 from trials.methods.registry import APPLY_ORDER, REGISTRY
 
-__all__ = ["ALogDelta", "APPLY_ORDER", "AppliedMethods", "LoraInProj", "Method", "MethodError", "ModelDims",
-           "REGISTRY", "apply_methods", "count_params", "load_adapters", "merge_methods", "save_adapters"]
+__all__ = ["APPLY_ORDER", "LORA_METHODS", "PARTIAL_METHODS", "REGISTRY", "AdditiveDelta", "AppliedMethods", "Lora",
+           "LoraDelta", "Method", "MethodError", "ModelDims", "PartialDelta", "apply_methods", "count_params",
+           "load_adapters", "merge_methods", "save_adapters"]

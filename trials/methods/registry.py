@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from trials.methods.a_log_delta import ALogDelta
 from trials.methods.base import Method
-from trials.methods.lora_in_proj import LoraInProj
+from trials.methods.lora import LORA_METHODS
+from trials.methods.partial import PARTIAL_METHODS
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (LoraInProj(), ALogDelta())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (*LORA_METHODS, *PARTIAL_METHODS)}
 APPLY_ORDER = tuple(REGISTRY)
