@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from space.params import SearchFloat, SearchInt, Strict, Suggester, bounded, resolve
+from space.params import SearchBool, SearchFloat, SearchInt, Strict, Suggester, bounded, resolve
 
 Enabled = bool | Literal["search"]
 LrMult = Annotated[SearchFloat, bounded(float, gt=0)]
@@ -30,16 +30,19 @@ class MethodConfig(Strict):
 
 
 class LoraSpace(MethodSpace):
-    """LoRA on one weight (or a block of its output rows): W' = W + scale * B A, B zero-initialised."""
+    """LoRA on one weight (or a block of its output rows): W' = W + scale * B A, B zero-initialised.
+    With ``dora`` the adapted rows are re-normalised and scaled by a learned magnitude (DoRA)."""
 
     rank: Annotated[SearchInt, bounded(int, ge=1)] = 4
     scale: Annotated[SearchFloat, bounded(float, gt=0)] = 1.0
+    dora: Annotated[SearchBool, bounded(bool)] = False
     weight_decay_mult: DecayMult = 0.0
 
 
 class LoraConfig(MethodConfig):
     rank: int = Field(default=4, ge=1)
     scale: float = Field(default=1.0, gt=0)
+    dora: bool = False
     weight_decay_mult: float = Field(default=0.0, ge=0)
 
 

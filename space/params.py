@@ -55,6 +55,10 @@ def _searchable(kind: type) -> Any:
 
     def parse(value: Any) -> Any:
         if not isinstance(value, dict):
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"expected true, false or a mapping with 'choices', got {value!r}")
+                return value
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                     kind is int and isinstance(value, float)):
                 raise ValueError(f"expected {kind.__name__} or a mapping with 'choices' or 'low'/'high', "
@@ -77,6 +81,7 @@ def _searchable(kind: type) -> Any:
 
 SearchInt = Annotated[int | IntRange | Choices, _searchable(int)]
 SearchFloat = Annotated[float | FloatRange | Choices, _searchable(float)]
+SearchBool = Annotated[bool | Choices, _searchable(bool)]
 
 SEARCHABLE = (Choices, IntRange, FloatRange)
 
@@ -128,7 +133,7 @@ def check_bounds(value: Any, *, ge: float | None = None, le: float | None = None
 
 def _typed(value: Any, kind: type) -> Any:
     for v in candidates(value):
-        ok = isinstance(v, kind) and not isinstance(v, bool)
+        ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
         if kind is float and isinstance(v, int) and not isinstance(v, bool):
             ok = True
         if not ok:

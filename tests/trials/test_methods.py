@@ -20,13 +20,23 @@ from trials.methods import (
 
 CONFIGS = {name: (LoraConfig(rank=2, scale=0.7) if name.startswith("lora_") else config_cls())
            for name, (_, config_cls) in METHOD_SPACES.items()}
+# DoRA as the variant of every LoRA target.
+CONFIGS.update({f"{name}+dora": LoraConfig(rank=2, scale=0.7, dora=True) for name in METHOD_SPACES
+                if name.startswith("lora_")})
 # Every method alone, every method at once, and pairs that stack two parametrisations on one tensor.
-COMBOS = ([(name,) for name in CONFIGS] + [tuple(CONFIGS)]
-          + [("lora_in_proj", "lora_in_proj_x"), ("lora_x_proj_b", "lora_x_proj_c"), ("a_log_delta", "lora_x_proj")])
+PLAIN = [name for name in CONFIGS if "+" not in name]
+COMBOS = ([(name,) for name in CONFIGS] + [tuple(PLAIN)]
+          + [("lora_in_proj", "lora_in_proj_x"), ("lora_x_proj_b", "lora_x_proj_c"), ("a_log_delta", "lora_x_proj"),
+             ("lora_in_proj_x+dora", "lora_in_proj_z")])
+
+
+def methods_of(combo) -> dict:
+    """``{"lora_out_proj+dora": cfg}`` -> ``{"lora_out_proj": cfg}``: the variant is in the config."""
+    return {name.split("+")[0]: CONFIGS[name] for name in combo}
 
 
 def ids(combo) -> str:
-    return "all" if len(combo) == len(CONFIGS) else "+".join(combo)
+    return "all" if len(combo) == len(PLAIN) else "&".join(combo)
 
 
 def perturb(applied) -> None:
@@ -39,12 +49,12 @@ def perturb(applied) -> None:
 
 
 def test_every_registered_method_has_a_search_space_and_vice_versa():
-    assert set(REGISTRY) == set(METHOD_SPACES) == set(CONFIGS)
+    assert set(REGISTRY) == set(METHOD_SPACES) == set(PLAIN)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=ids)
 def test_measured_count_equals_closed_form_and_combined_count_is_the_sum(tiny_lm, combo):
-    methods = {n: CONFIGS[n] for n in combo}
+    methods = methods_of(combo)
     applied = apply_methods(tiny_lm, methods)
     trainable = sum(p.numel() for p in tiny_lm.parameters() if p.requires_grad)
     formula = count_params(methods, ModelDims.from_config(tiny_lm.config))
@@ -72,7 +82,7 @@ def test_closed_forms_reproduce_the_reference_per_layer_counts():
 
 @pytest.mark.parametrize("combo", COMBOS, ids=ids)
 def test_every_trainable_tensor_gets_a_nonzero_gradient(tiny_lm, tiny_ids, combo):
-    applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+    applied = apply_methods(tiny_lm, methods_of(combo))
     perturb(applied)
     tiny_lm.train()
     tiny_lm(tiny_ids).logits.square().mean().backward()
@@ -87,7 +97,7 @@ def test_every_trainable_tensor_gets_a_nonzero_gradient(tiny_lm, tiny_ids, combo
 def test_identity_at_init_and_output_changes_once_perturbed(tiny_lm, tiny_ids, combo):
     with torch.no_grad():
         before = tiny_lm(tiny_ids).logits
-        applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+        applied = apply_methods(tiny_lm, methods_of(combo))
         assert torch.equal(tiny_lm(tiny_ids).logits, before)
         perturb(applied)
         assert not torch.allclose(tiny_lm(tiny_ids).logits, before, atol=1e-6)
@@ -95,14 +105,14 @@ def test_identity_at_init_and_output_changes_once_perturbed(tiny_lm, tiny_ids, c
 
 @pytest.mark.parametrize("combo", COMBOS, ids=ids)
 def test_tensors_of_different_methods_never_alias(tiny_lm, combo):
-    applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+    applied = apply_methods(tiny_lm, methods_of(combo))
     ptrs = [p.data_ptr() for ps in applied.params.values() for p in ps]
     assert len(ptrs) == len(set(ptrs))
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=ids)
 def test_merged_plain_checkpoint_reproduces_the_adapted_model(tiny_lm, tiny_ids, tmp_path, combo):
-    applied = apply_methods(tiny_lm, {n: CONFIGS[n] for n in combo})
+    applied = apply_methods(tiny_lm, methods_of(combo))
     perturb(applied)
     with torch.no_grad():
         adapted = tiny_lm(tiny_ids).logits
@@ -118,14 +128,14 @@ def test_merged_plain_checkpoint_reproduces_the_adapted_model(tiny_lm, tiny_ids,
 @pytest.mark.parametrize("combo", COMBOS, ids=ids)
 def test_saved_adapters_load_back_onto_a_fresh_base_model(tiny_lm, tiny_ids, tmp_path, combo):
     tiny_lm.save_pretrained(tmp_path / "base")
-    methods = {n: CONFIGS[n] for n in combo}
+    methods = methods_of(combo)
     perturb(apply_methods(tiny_lm, methods))
     with torch.no_grad():
         adapted = tiny_lm(tiny_ids).logits
     save_adapters(tiny_lm, methods, tmp_path / "adapter", extra={"head.weight": torch.ones(2, 3)})
     fresh = MambaForCausalLM.from_pretrained(tmp_path / "base").eval()
     applied, extra = load_adapters(fresh, tmp_path / "adapter")
-    assert set(applied.params) == set(combo)
+    assert set(applied.params) == set(methods)
     assert torch.equal(extra["head.weight"], torch.ones(2, 3))
     with torch.no_grad():
         assert torch.allclose(fresh(tiny_ids).logits, adapted, atol=1e-6)
@@ -183,3 +193,27 @@ def test_lora_on_in_proj_matches_the_peft_library(tiny_lm, tiny_ids):
         expected = reference.eval()(tiny_ids).logits
         got = tiny_lm(tiny_ids).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_on_in_proj_matches_the_peft_library(tiny_lm, tiny_ids):
+    """Independent check of the DoRA variant: HF peft's DoRA (row-wise norm) with the same A, B and m."""
+    import copy
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    reference = get_peft_model(copy.deepcopy(tiny_lm), PeftLoraConfig(
+        r=2, lora_alpha=2 * 0.7, target_modules=["in_proj"], lora_dropout=0.0, use_dora=True))
+    applied = apply_methods(tiny_lm, {"lora_in_proj": LoraConfig(rank=2, scale=0.7, dora=True)})
+    perturb(applied)
+    ours = dict(tiny_lm.named_parameters())
+    with torch.no_grad():
+        for i in range(tiny_lm.config.num_hidden_layers):
+            prefix = f"backbone.layers.{i}.mixer.in_proj.parametrizations.weight.0"
+            layer = reference.base_model.model.backbone.layers[i].mixer.in_proj
+            layer.lora_A["default"].weight.copy_(ours[f"{prefix}.lora_A"])
+            layer.lora_B["default"].weight.copy_(ours[f"{prefix}.lora_B"])
+            layer.lora_magnitude_vector["default"].weight.copy_(ours[f"{prefix}.magnitude"])
+        expected = reference.eval()(tiny_ids).logits
+        got = tiny_lm(tiny_ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)

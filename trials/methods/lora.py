@@ -4,8 +4,8 @@ rows (Yoshimura et al. 2025: LoRA_p(X), LoRA_p(Z) on in_proj; LoRA_p(d), LoRA_p(
 W' = W + scale * pad(B A) with A [r, in] Kaiming-uniform (as ``nn.Linear`` initialises) and B [rows, r] zeros,
 padded with zero rows outside the targeted block, so the model is unchanged at init. The delta is applied as a
 parametrisation of the weight, so every path that reads ``weight`` (module calls, transformers' direct
-``dt_proj.weight @ ...``, the fused CUDA kernel) sees W'. Trainable per layer: r (in + rows).
-Mergeable: W <- W + scale * pad(B A).
+``dt_proj.weight @ ...``, the fused CUDA kernel) sees W'. Trainable per layer: r (in + rows), plus ``rows``
+magnitudes with DoRA. Mergeable: W <- W'.
 """
 
 from __future__ import annotations
@@ -25,22 +25,36 @@ Rows = Callable[[ModelDims], tuple[int, int]]  # the targeted output rows [start
 
 
 class LoraDelta(nn.Module):
-    """Parametrisation W -> W + scale * B A on output rows [start, stop) of a weight [out, in]."""
+    """Parametrisation W -> W + scale * B A on output rows [start, stop) of a weight [out, in].
+
+    With ``dora_init`` (the weight W it will adapt) it is DoRA (Liu et al. 2024) on those rows:
+    W'_i = m_i V_i / ||V_i|| with V = W + scale * B A, the norm per output row and detached (as the DoRA paper
+    does to save memory), and m initialised to ||W_i||, so the model is unchanged at init. The norm is per
+    output row, as in HF peft (MambaPEFT's language code takes it per input column).
+    """
 
     def __init__(self, out_features: int, in_features: int, rank: int, scale: float, start: int = 0,
-                 stop: int | None = None) -> None:
+                 stop: int | None = None, dora_init: torch.Tensor | None = None) -> None:
         super().__init__()
         stop = out_features if stop is None else stop
-        self.scale, self.pad = scale, (0, 0, start, out_features - stop)
+        self.scale, self.start, self.stop = scale, start, stop
+        self.pad = (0, 0, start, out_features - stop)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(stop - start, rank))  # [rows, r]
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.magnitude: nn.Parameter | None = None
+        if dora_init is not None:
+            self.magnitude = nn.Parameter(dora_init[start:stop].detach().float().norm(dim=1))  # [rows]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self.scale * (self.lora_B @ self.lora_A)  # [rows, in]
-        if any(self.pad):
-            delta = F.pad(delta, self.pad)  # [out, in]
-        return weight + delta.to(weight.dtype)
+        if self.magnitude is None:
+            if any(self.pad):
+                delta = F.pad(delta, self.pad)  # [out, in]
+            return weight + delta.to(weight.dtype)
+        rows = weight[self.start : self.stop] + delta.to(weight.dtype)  # [rows, in]
+        rows = rows * (self.magnitude / rows.norm(dim=1).detach()).to(weight.dtype)[:, None]
+        return torch.cat([weight[: self.start], rows, weight[self.stop :]])  # [out, in]
 
 
 class Lora:
@@ -56,7 +70,8 @@ class Lora:
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         start, stop = self.rows(dims)
-        return dims.L * cfg.rank * (self.in_size(dims) + stop - start)
+        magnitude = stop - start if cfg.dora else 0
+        return dims.L * (cfg.rank * (self.in_size(dims) + stop - start) + magnitude)
 
     def apply(self, lm: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
         dims = ModelDims.from_config(lm.config)
@@ -68,9 +83,10 @@ class Lora:
             if cfg.rank > min(stop - start, in_f):
                 raise MethodError(f"{self.name}.rank {cfg.rank} exceeds the adapted block's smaller side "
                                   f"{min(stop - start, in_f)} (backbone.layers.{i}.mixer.{self.module})")
-            delta = LoraDelta(out_f, in_f, cfg.rank, cfg.scale, start, stop)
+            delta = LoraDelta(out_f, in_f, cfg.rank, cfg.scale, start, stop,
+                              dora_init=module.weight if cfg.dora else None)
             parametrize.register_parametrization(module, "weight", delta)
-            params += [delta.lora_A, delta.lora_B]
+            params += [delta.lora_A, delta.lora_B] + ([delta.magnitude] if delta.magnitude is not None else [])
         return params
 
 
