@@ -104,3 +104,18 @@ def test_trial_config_round_trips_through_yaml():
 def test_bad_trial_config_names_the_file_and_key():
     with pytest.raises(SpaceError, match=r"best.yaml: methods: unknown method 'nope'"):
         TrialConfig.from_yaml("model: {}\ntask: {}\nmethods: {nope: {}}\ntraining: {}\n", where="best.yaml")
+
+
+def test_example_spaces_are_valid_and_sample_every_method():
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        space = load_space(path)
+        params = {f"{name}.enabled": True for name in space.methods}
+        params.update({"lora_in_proj.dora": True, "training.learning_rate": 0.003})
+        cfg = replay_trial(space, params)
+        assert set(cfg.methods) == set(space.methods), path.name
+        assert cfg.methods["lora_in_proj"].dora is True
+
+
+def test_a_searched_boolean_rejects_non_booleans(tmp_path):
+    text = "methods: {lora_in_proj: {dora: maybe}}"
+    assert "methods.lora_in_proj.dora: expected true, false or a mapping with 'choices'" in error_of(tmp_path, text)
