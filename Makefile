@@ -20,6 +20,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check search space trials dashboard benchmarks tests
+	$(BIN)/mypy search space trials dashboard benchmarks
 	$(BIN)/python -m pytest
 
 dashboard: $(STAMP)

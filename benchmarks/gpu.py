@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 
@@ -49,14 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = MambaConfig(vocab_size=50280, hidden_size=a.hidden, num_hidden_layers=a.layers)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.length), device="cuda")
     torch.manual_seed(0)
-    stock = MambaForCausalLM(cfg).cuda().train()
+    stock: Any = MambaForCausalLM(cfg)
+    stock = stock.to("cuda").train()
     stock_tps = tokens_per_second(stock, ids, a.steps)
     del stock
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     ours = use_scan(MambaForCausalLM(cfg), "auto")
     apply_methods(ours, {"lora_in_proj": LoraInProjConfig(rank=8), "a_log_delta": ALogDeltaConfig()})
-    ours = ours.cuda().train()
+    ours = ours.to("cuda").train()
     ours_tps = tokens_per_second(ours, ids, a.steps)
     print(f"stock mamba-ssm  {stock_tps:,.0f} tokens/s")
     print(f"ours + PEFT      {ours_tps:,.0f} tokens/s")

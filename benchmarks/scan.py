@@ -21,8 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
-CONFIGS = {"tiny": dict(hidden_size=64, num_hidden_layers=4), "small": dict(hidden_size=256, num_hidden_layers=8)}
+CONFIGS: dict[str, dict[str, Any]] = {"tiny": dict(hidden_size=64, num_hidden_layers=4),
+                                     "small": dict(hidden_size=256, num_hidden_layers=8)}
 PATHS = {"hf_loop": "hf_loop", "mambapy": "mambapy", "ours": "compiled", "ours_torch": "torch"}
 BATCH = 16
 VOCAB = 288

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +96,15 @@ def load_kernel() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(build_kernel()))
                 i64, p, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                lib.scan_forward.argtypes = [p] * 11 + [c_int] + [i64] * 4 + [c_int]
-                lib.scan_backward.argtypes = [p] * 19 + [c_int] + [i64] * 4 + [c_int]
+                signatures: dict[str, list[Any]] = {
+                    "scan_forward": [p] * 11 + [c_int] + [i64] * 4 + [c_int],
+                    "scan_backward": [p] * 19 + [c_int] + [i64] * 4 + [c_int],
+                    "conv_forward": [p, i64, p, p, p, c_int] + [i64] * 4 + [c_int],
+                    "conv_backward": [p, i64, p, p, p, p, p, p, c_int] + [i64] * 4 + [c_int],
+                }
+                for name, argtypes in signatures.items():
+                    getattr(lib, name).argtypes = argtypes
                 lib.scan_chunk.restype = c_int
-                lib.conv_forward.argtypes = [p, i64, p, p, p, c_int] + [i64] * 4 + [c_int]
-                lib.conv_backward.argtypes = [p, i64, p, p, p, p, p, p, c_int] + [i64] * 4 + [c_int]
                 _lib = lib
             except (OSError, RuntimeError) as exc:
                 _lib_error = str(exc)

@@ -6,5 +6,6 @@ from trials.methods.base import Method
 from trials.methods.lora import LORA_METHODS
 from trials.methods.partial import PARTIAL_METHODS
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (*LORA_METHODS, *PARTIAL_METHODS)}
+METHODS: list[Method] = [*LORA_METHODS, *PARTIAL_METHODS]
+REGISTRY: dict[str, Method] = {m.name: m for m in METHODS}
 APPLY_ORDER = tuple(REGISTRY)
