@@ -66,6 +66,22 @@ class BiasDeltaConfig(DeltaConfig):
     weight_decay_mult: float = Field(default=100.0, ge=0)
 
 
+class AdapterSpace(MethodSpace):
+    """Parallel adapter beside ``out_proj`` (AdaptFormer-style, MambaPEFT's ParallelAdapter):
+    out += scale * Up(Dropout(ReLU(Down(y)))), Up zero-initialised."""
+
+    rank: Annotated[SearchInt, bounded(int, ge=1)] = 32
+    scale: Annotated[SearchFloat, bounded(float, gt=0)] = 0.1
+    dropout: Annotated[SearchFloat, bounded(float, ge=0, le=0.9)] = 0.0
+    weight_decay_mult: DecayMult = 1.0
+
+
+class AdapterConfig(MethodConfig):
+    rank: int = Field(default=32, ge=1)
+    scale: float = Field(default=0.1, gt=0)
+    dropout: float = Field(default=0.0, ge=0, le=0.9)
+
+
 # Names kept from the first two methods.
 LoraInProjSpace, LoraInProjConfig = LoraSpace, LoraConfig
 ALogDeltaSpace, ALogDeltaConfig = DeltaSpace, DeltaConfig
@@ -87,6 +103,7 @@ METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {
     "d_delta": _DELTA,  # D-tuning
     "conv1d_delta": _DELTA,  # conv1d-tuning (the weight)
     "dt_bias_delta": (BiasDeltaSpace, BiasDeltaConfig),  # bias-tuning (dt_proj.bias)
+    "parallel_adapter": (AdapterSpace, AdapterConfig),  # beside out_proj; not mergeable
 }
 
 

@@ -27,7 +27,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from trials.scan import Impl, causal_conv, selective_scan_tokens
 
-HOOKS = ("initial_state", "affix_tokens")
+HOOKS = ("initial_state", "affix_tokens", "parallel_adapter")  # set by methods; all need the torch path
 
 
 def _cuda_kernels() -> Any:

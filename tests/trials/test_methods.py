@@ -18,7 +18,8 @@ from trials.methods import (
     save_adapters,
 )
 
-CONFIGS = {name: (LoraConfig(rank=2, scale=0.7) if name.startswith("lora_") else config_cls())
+CONFIGS = {name: (LoraConfig(rank=2, scale=0.7) if name.startswith("lora_") else config_cls(rank=3, scale=0.5)
+                 if name == "parallel_adapter" else config_cls())
            for name, (_, config_cls) in METHOD_SPACES.items()}
 # DoRA as the variant of every LoRA target.
 CONFIGS.update({f"{name}+dora": LoraConfig(rank=2, scale=0.7, dora=True) for name in METHOD_SPACES
@@ -110,7 +111,11 @@ def test_tensors_of_different_methods_never_alias(tiny_lm, combo):
     assert len(ptrs) == len(set(ptrs))
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=ids)
+MERGEABLE = [c for c in COMBOS if all(REGISTRY[n].mergeable for n in methods_of(c))]
+MERGEABLE.append(tuple(n for n in PLAIN if REGISTRY[n].mergeable))
+
+
+@pytest.mark.parametrize("combo", MERGEABLE, ids=ids)
 def test_merged_plain_checkpoint_reproduces_the_adapted_model(tiny_lm, tiny_ids, tmp_path, combo):
     applied = apply_methods(tiny_lm, methods_of(combo))
     perturb(applied)
@@ -217,3 +222,15 @@ def test_dora_on_in_proj_matches_the_peft_library(tiny_lm, tiny_ids):
         expected = reference.eval()(tiny_ids).logits
         got = tiny_lm(tiny_ids).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_merging_a_non_mergeable_method_is_refused_and_changes_nothing(tiny_lm, tiny_ids):
+    applied = apply_methods(tiny_lm, {"parallel_adapter": CONFIGS["parallel_adapter"],
+                                      "a_log_delta": CONFIGS["a_log_delta"]})
+    perturb(applied)
+    with torch.no_grad():
+        before = tiny_lm(tiny_ids).logits
+    with pytest.raises(MethodError, match="parallel_adapter is not a weight delta"):
+        merge_methods(tiny_lm)
+    with torch.no_grad():
+        assert torch.equal(tiny_lm(tiny_ids).logits, before)

@@ -77,7 +77,14 @@ def apply_methods(lm: Any, methods: Mapping[str, MethodConfig], freeze: bool = T
 
 
 def merge_methods(lm: nn.Module) -> None:
-    """Fold every parametrisation into the tensor it adapts; ``lm`` becomes a plain HF Mamba model."""
+    """Fold every parametrisation into the tensor it adapts; ``lm`` becomes a plain HF Mamba model.
+
+    Raises (changing nothing) when a non-mergeable method is applied: save its adapter weights instead."""
+    from trials.mixer import HOOKS
+
+    present = sorted({h for m in lm.modules() for h in HOOKS if getattr(m, h, None) is not None})
+    if present:
+        raise MethodError(f"cannot merge: {', '.join(present)} is not a weight delta; save the adapter instead")
     for module in list(lm.modules()):
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):  # type: ignore[union-attr,operator]
@@ -85,9 +92,8 @@ def merge_methods(lm: nn.Module) -> None:
 
 
 def adapter_state(lm: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors the methods added, by their module path (the frozen originals are not included)."""
-    return {name: p.detach().clone() for name, p in lm.named_parameters()
-            if ".parametrizations." in name and not name.endswith(".original")}
+    """The tensors the methods added (the trainable ones after ``apply_methods``), by their module path."""
+    return {name: p.detach().clone() for name, p in lm.named_parameters() if p.requires_grad}
 
 
 def save_adapters(lm: nn.Module, methods: Mapping[str, MethodConfig], out: Path,
