@@ -29,3 +29,15 @@ def test_benchmark_runs_every_path_side_by_side(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "tiny L=16" in text and "mambapy/ours" in text and "ours/bound" in text
     assert out.exists()
+
+
+def test_method_benchmark_prints_every_method_against_full_fine_tuning(capsys):
+    from benchmarks.methods import main as methods_main
+
+    methods_main(["--configs", "tiny", "--methods", "lora_in_proj", "parallel_adapter", "--length", "16",
+                  "--batch", "4", "--reps", "1"])
+    text = capsys.readouterr().out
+    assert "full fine-tuning" in text
+    for method in ("lora_in_proj", "parallel_adapter"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(method))
+        assert "error" not in line and "%" in line
