@@ -202,3 +202,15 @@ def test_lora_and_dora_on_in_proj_match_the_peft_library(tiny_lm, tiny_ids, dora
         expected = reference.eval()(tiny_ids).logits
         got = tiny_lm(tiny_ids).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_merging_a_non_mergeable_method_is_refused_and_changes_nothing(tiny_lm, tiny_ids):
+    applied = apply_methods(tiny_lm, {"parallel_adapter": CONFIGS["parallel_adapter"],
+                                      "a_log_delta": CONFIGS["a_log_delta"]})
+    perturb(applied)
+    with torch.no_grad():
+        before = tiny_lm(tiny_ids).logits
+    with pytest.raises(MethodError, match="parallel_adapter is not a weight delta"):
+        merge_methods(tiny_lm)
+    with torch.no_grad():
+        assert torch.equal(tiny_lm(tiny_ids).logits, before)
