@@ -32,7 +32,7 @@ def tokens_per_second(lm, ids: torch.Tensor, steps: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     from transformers import MambaConfig, MambaForCausalLM
 
-    from space.methods import ALogDeltaConfig, LoraInProjConfig
+    from space.methods import DeltaConfig, LoraConfig
     from trials.methods import apply_methods
     from trials.mixer import _cuda_kernels
     from trials.model import use_scan
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     ours = use_scan(MambaForCausalLM(cfg), "auto")
-    apply_methods(ours, {"lora_in_proj": LoraInProjConfig(rank=8), "a_log_delta": ALogDeltaConfig()})
+    apply_methods(ours, {"lora_in_proj": LoraConfig(rank=8), "a_log_delta": DeltaConfig()})
     ours = ours.to("cuda").train()
     ours_tps = tokens_per_second(ours, ids, a.steps)
     print(f"stock mamba-ssm  {stock_tps:,.0f} tokens/s")

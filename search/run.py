@@ -31,7 +31,7 @@ def trainable(params: dict[str, Any], space_json: str) -> None:
     from trials.run import run_trial
 
     space = SearchSpace.model_validate_json(space_json)
-    run_trial(replay_trial(space, params), report=lambda metrics: tune.report(metrics))
+    run_trial(replay_trial(space, params), report=tune.report)
 
 
 def make_scheduler(space: SearchSpace):
@@ -164,9 +164,9 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
     finally:
         df = results.trials(parent.client, space.tracking.experiment, parent.run_id)
         front = results.pareto(df, objectives)
-        parent.finish(status, front.to_csv(index=False) if not front.empty else None, callback.counts())
+        counts = callback.counts()
+        parent.finish(status, front.to_csv(index=False) if not front.empty else None, counts)
         ray.shutdown()
-    counts = callback.counts()
     echo("")
     echo(f"{counts.get('finished', 0)} finished, {counts.get('stopped', 0)} stopped early, "
          f"{counts.get('failed', 0)} failed")

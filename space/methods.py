@@ -82,10 +82,6 @@ class AdapterConfig(MethodConfig):
     dropout: float = Field(default=0.0, ge=0, le=0.9)
 
 
-# Names kept from the first two methods.
-LoraInProjSpace, LoraInProjConfig = LoraSpace, LoraConfig
-ALogDeltaSpace, ALogDeltaConfig = DeltaSpace, DeltaConfig
-
 _LORA = (LoraSpace, LoraConfig)
 _DELTA = (DeltaSpace, DeltaConfig)
 

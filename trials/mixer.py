@@ -31,11 +31,12 @@ HOOKS = ("initial_state", "affix_tokens", "parallel_adapter")  # set by methods;
 
 
 def _cuda_kernels() -> Any:
+    """mamba-ssm's fused ``mamba_inner_fn``, or None where it is not installed."""
     try:
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
     except ImportError:
         return None
-    return mamba_inner_fn, selective_scan_fn
+    return mamba_inner_fn
 
 
 class FastMambaMixer(MambaMixer):
@@ -48,9 +49,9 @@ class FastMambaMixer(MambaMixer):
                                    **kwargs)
         hooks_active = any(getattr(self, h, None) is not None for h in HOOKS)
         if hidden_states.is_cuda and not hooks_active and attention_mask is None:
-            kernels = _cuda_kernels()
-            if kernels is not None:
-                return self._fused_cuda_forward(hidden_states, kernels[0])
+            mamba_inner_fn = _cuda_kernels()
+            if mamba_inner_fn is not None:
+                return self._fused_cuda_forward(hidden_states, mamba_inner_fn)
         return self._scan_forward(hidden_states, attention_mask)
 
     def _fused_cuda_forward(self, hidden_states: torch.Tensor, mamba_inner_fn: Any) -> torch.Tensor:

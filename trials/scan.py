@@ -231,10 +231,10 @@ class _LinearRecurrence(torch.autograd.Function):
     def backward(ctx, dstates):
         a, states, h0 = ctx.saved_tensors
         g = torch.empty_like(dstates)  # dLoss/dH_t including the future, [L, Bt, E, N]
-        acc = torch.zeros_like(dstates[0])
-        for t in range(dstates.shape[0] - 1, -1, -1):
-            acc = torch.add(dstates[t], acc, out=g[t]) if t == dstates.shape[0] - 1 else torch.addcmul(
-                dstates[t], a[t + 1], acc, out=g[t])
+        last = dstates.shape[0] - 1
+        acc = g[last].copy_(dstates[last])
+        for t in range(last - 1, -1, -1):
+            acc = torch.addcmul(dstates[t], a[t + 1], acc, out=g[t])  # g_t = dH_t + a_{t+1} g_{t+1}
         prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(states[0]))[None], states[:-1]])
         da = g * prev
         dh0 = a[0] * g[0] if h0 is not None else None

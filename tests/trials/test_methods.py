@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import MambaForCausalLM
 
-from space.methods import METHOD_SPACES, ALogDeltaConfig, DeltaConfig, LoraConfig, LoraInProjConfig
+from space.methods import METHOD_SPACES, DeltaConfig, LoraConfig
 from trials.methods import (
     REGISTRY,
     MethodError,
@@ -67,9 +67,9 @@ def test_closed_forms_reproduce_the_reference_per_layer_counts():
     # peft-methods.md: LoRA(in_proj) r32 on Vim-S (D=384, E=768): r(D+2E) = 61,440 per layer, 1,475K over 24;
     # A-tuning: E*N = 12,288 per layer per scan direction (x2 on Vim, x24 layers = 589,824, +9K head = 598K).
     vim = ModelDims(D=384, E=768, N=16, R=24, K=4, L=1, V=1)
-    assert REGISTRY["lora_in_proj"].count(LoraInProjConfig(rank=32), vim) == 61_440
-    assert REGISTRY["lora_in_proj"].count(LoraInProjConfig(rank=32), ModelDims(384, 768, 16, 24, 4, 24, 1)) == 1_474_560
-    assert 2 * 24 * REGISTRY["a_log_delta"].count(ALogDeltaConfig(), vim) == 589_824
+    assert REGISTRY["lora_in_proj"].count(LoraConfig(rank=32), vim) == 61_440
+    assert REGISTRY["lora_in_proj"].count(LoraConfig(rank=32), ModelDims(384, 768, 16, 24, 4, 24, 1)) == 1_474_560
+    assert 2 * 24 * REGISTRY["a_log_delta"].count(DeltaConfig(), vim) == 589_824
     # LoRA_p(X) r64: 1,769K (+9K head = 1,778K); LoRA(out_proj) r96: 2,654K (2,663K); LoRA(x_proj) r64, two
     # scan directions, R = 24: 2,531K (2,540K); Conv1d-tuning, two directions: 147K (156K).
     vim24 = ModelDims(D=384, E=768, N=16, R=24, K=4, L=24, V=1)
@@ -148,17 +148,17 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(tiny_lm, tiny_ids, tmp
 
 def test_lora_rank_above_the_weight_size_is_refused(tiny_lm):
     with pytest.raises(MethodError, match=r"lora_in_proj.rank 99 exceeds the adapted block"):
-        apply_methods(tiny_lm, {"lora_in_proj": LoraInProjConfig(rank=99)})
+        apply_methods(tiny_lm, {"lora_in_proj": LoraConfig(rank=99)})
 
 
 def test_unknown_method_is_refused(tiny_lm):
     with pytest.raises(MethodError, match="unknown method"):
-        apply_methods(tiny_lm, {"prefix": LoraInProjConfig()})
+        apply_methods(tiny_lm, {"prefix": LoraConfig()})
 
 
 def test_param_groups_carry_each_methods_multipliers(tiny_lm):
-    applied = apply_methods(tiny_lm, {"lora_in_proj": LoraInProjConfig(lr_mult=2.0, weight_decay_mult=0.0),
-                                      "a_log_delta": ALogDeltaConfig(lr_mult=0.5, weight_decay_mult=10.0)})
+    applied = apply_methods(tiny_lm, {"lora_in_proj": LoraConfig(lr_mult=2.0, weight_decay_mult=0.0),
+                                      "a_log_delta": DeltaConfig(lr_mult=0.5, weight_decay_mult=10.0)})
     groups = {g["name"]: g for g in applied.param_groups(lr=1e-3, weight_decay=1e-4)}
     assert groups["lora_in_proj"]["lr"] == pytest.approx(2e-3) and groups["lora_in_proj"]["weight_decay"] == 0
     assert groups["a_log_delta"]["lr"] == pytest.approx(5e-4)

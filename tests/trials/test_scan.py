@@ -204,12 +204,12 @@ def test_every_supported_path_is_exercised_by_the_method_matrix():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_path_uses_the_effective_weights():
-    from space.methods import LoraInProjConfig
+    from space.methods import LoraConfig
     from trials.methods import apply_methods
 
     torch.manual_seed(0)
     cpu = use_scan(MambaForCausalLM(tiny_config(hidden_size=64)), "torch")
-    applied = apply_methods(cpu, {"lora_in_proj": LoraInProjConfig(rank=4)})
+    applied = apply_methods(cpu, {"lora_in_proj": LoraConfig(rank=4)})
     with torch.no_grad():
         for p in applied.params["lora_in_proj"]:
             p.add_(0.1)

@@ -1,7 +1,7 @@
 """Apply a combination of methods to a Hugging Face Mamba model, count, merge, save and load it.
 
     lm = MambaForCausalLM.from_pretrained(path)
-    applied = apply_methods(lm, {"lora_in_proj": LoraInProjConfig(rank=4), "a_log_delta": ALogDeltaConfig()})
+    applied = apply_methods(lm, {"lora_in_proj": LoraConfig(rank=4), "a_log_delta": DeltaConfig()})
     applied.param_groups(lr=1e-3, weight_decay=1e-4)   # per-method lr / weight-decay multipliers
     merge_methods(lm)                                   # fold every mergeable method into the weights
 """
