@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from space.methods import METHOD_SPACES, MethodConfig, MethodSpace, method_config, sample_method
 from space.metrics import METRICS, OBJECTIVE_METRICS, Direction
-from space.params import SearchFloat, SearchInt, Strict, Suggester, bounded, resolve
+from space.params import SearchFloat, SearchInt, SearchStr, Strict, Suggester, bounded, one_of, resolve
 
 
 class SpaceError(ValueError):
@@ -62,6 +62,12 @@ class TaskSpec(Strict):
         return self
 
 
+# Forward-pass precision of a trial: bf16/fp16 run under torch.autocast with fp32 master weights (fp16 with
+# loss scaling); the selective scan and the SSM parameters stay fp32 either way.
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 class TrainingSpace(Strict):
     steps: int = Field(default=120, ge=1)  # optimiser steps of one search trial
     final_steps: int = Field(default=400, ge=1)  # the full schedule `python -m trials.train` uses
@@ -72,6 +78,7 @@ class TrainingSpace(Strict):
     eval_every: int = Field(default=30, ge=1)  # steps between validation reports (the early-stop rungs)
     head_lr_mult: Annotated[SearchFloat, bounded(float, gt=0)] = 1.0
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
+    precision: Annotated[SearchStr, one_of(*PRECISIONS)] = "fp32"  # fp32, bf16 or fp16 (see Precision)
 
 
 class Objective(Strict):
@@ -181,6 +188,7 @@ class TrainingConfig(Strict):
     eval_every: int = Field(default=30, ge=1)
     head_lr_mult: float = Field(default=1.0, gt=0)
     grad_clip: float = Field(default=1.0, ge=0)
+    precision: Precision = "fp32"
 
 
 class TrialConfig(Strict):
@@ -246,6 +254,7 @@ def sample_trial(space: SearchSpace, trial: Suggester, seed: int | None = None) 
         learning_rate=resolve(t.learning_rate, "training.learning_rate", trial),
         weight_decay=resolve(t.weight_decay, "training.weight_decay", trial),
         head_lr_mult=resolve(t.head_lr_mult, "training.head_lr_mult", trial),
+        precision=resolve(t.precision, "training.precision", trial),
     )
     return TrialConfig(model=space.model, task=space.task, methods=methods, training=training,
                        seed=space.search.seed if seed is None else seed)

@@ -55,6 +55,10 @@ def _searchable(kind: type) -> Any:
 
     def parse(value: Any) -> Any:
         if not isinstance(value, dict):
+            if kind is str:
+                if not isinstance(value, str):
+                    raise ValueError(f"expected a string or a mapping with 'choices', got {value!r}")
+                return value
             if kind is bool:
                 if not isinstance(value, bool):
                     raise ValueError(f"expected true, false or a mapping with 'choices', got {value!r}")
@@ -65,6 +69,8 @@ def _searchable(kind: type) -> Any:
                                  f"got {value!r}")
             return kind(value)
         keys = set(value)
+        if kind is str and "choices" not in keys:
+            raise ValueError(f"a searched string needs 'choices', got keys {sorted(keys)}")
         try:
             if "choices" in keys:
                 return Choices.model_validate(value)
@@ -82,6 +88,7 @@ def _searchable(kind: type) -> Any:
 SearchInt = Annotated[int | IntRange | Choices, _searchable(int)]
 SearchFloat = Annotated[float | FloatRange | Choices, _searchable(float)]
 SearchBool = Annotated[bool | Choices, _searchable(bool)]
+SearchStr = Annotated[str | Choices, _searchable(str)]  # pair with ``one_of`` to name the allowed values
 
 SEARCHABLE = (Choices, IntRange, FloatRange)
 
@@ -144,3 +151,16 @@ def _typed(value: Any, kind: type) -> Any:
 def bounded(kind: type, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
     """Validator for a searchable field: every value it can take is a ``kind`` within the bounds."""
     return AfterValidator(lambda v: check_bounds(_typed(v, kind), ge=ge, gt=gt, le=le))
+
+
+def _allowed(value: Any, allowed: tuple[str, ...]) -> Any:
+    prefix = "choice " if isinstance(value, Choices) else ""
+    for v in candidates(value):
+        if not isinstance(v, str) or v not in allowed:
+            raise ValueError(f"{prefix}{v!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def one_of(*allowed: str) -> Any:
+    """Validator for a searchable string field: the constant, or every choice, is one of ``allowed``."""
+    return AfterValidator(lambda v: _allowed(v, allowed))

@@ -7,14 +7,20 @@ subclass; weights, state dict and ``save_pretrained`` are unchanged). Its forwar
   a parametrised weight (W + delta) is the weight used, on every path;
 - takes the state size from ``A_log`` (extra state dimensions: ``A_log`` [E, N + n] with ``x_proj`` giving
   R + 2(N + n) outputs);
-- starts the scan from ``mixer.initial_state`` ([E, N] or [Bt, E, N]) when a method sets one;
-- prepends ``mixer.affix_tokens`` ([n, 2E]) to the ``in_proj`` output before the convolution and drops
-  those positions after the scan;
+- starts the scan from ``mixer.initial_state`` ([E, N'] with N' <= N, zero-padded to the state size) and the
+  convolution from ``mixer.conv_state`` ([K-1, E], the inputs it has "already seen") when a method sets them;
+- prepends ``mixer.affix_tokens`` ([n, E], or a callable returning it) to the x half of the ``in_proj``
+  output before the convolution and drops those positions after the scan (their z half could only gate
+  outputs that are dropped, so it is zero);
+- adds the state offset silu(z_t) * (H C_t) of ``mixer.state_offset`` (H [E, N'], N' <= N) to the scan output;
 - zeroes padded positions (``attention_mask``) before ``in_proj`` and after the convolution, as
   transformers does.
-With a generation cache it defers to transformers' cached path. On CUDA with mamba-ssm installed it calls the
-fused kernels with the effective weights, and falls back to the torch scan when they are missing or when a
-hook (initial state, affix) needs what the fused kernel does not take.
+With a generation cache it defers to transformers' cached path, which knows none of the hooks above except
+the parallel adapter: with one of them set, the first call runs the project's scan (so an eval forward works)
+and a decoding step raises rather than generate from a different model. On CUDA with
+mamba-ssm installed it calls the fused kernels with the effective weights, and falls back to the torch scan
+when they are missing or when a hook (or a LoRA-dropout forward hook on x_proj / out_proj) needs what the
+fused kernel does not take.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from trials.scan import Impl, causal_conv, selective_scan_tokens
 
-HOOKS = ("initial_state", "affix_tokens", "parallel_adapter")  # set by methods; all need the torch path
+HOOKS = ("initial_state", "conv_state", "affix_tokens", "state_offset", "parallel_adapter")  # set by methods
+STATE_HOOKS = HOOKS[:4]  # what transformers' cached generation path would silently skip
 
 
 def _cuda_kernels() -> Any:
@@ -45,9 +52,20 @@ class FastMambaMixer(MambaMixer):
     def forward(self, hidden_states: torch.Tensor, cache_params: Any = None,
                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         if cache_params is not None:
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
-                                   **kwargs)
-        hooks_active = any(getattr(self, h, None) is not None for h in HOOKS)
+            active = [h for h in STATE_HOOKS if getattr(self, h, None) is not None]
+            if not active:
+                return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                                       **kwargs)
+            # transformers' cached path would skip these hooks. A first call (an eval forward, or a prefill)
+            # runs the project's scan and leaves the cache empty; a second call would decode from that empty
+            # state, so it raises.
+            seen = cache_params.__dict__.setdefault("_peft_uncached_layers", set())
+            if self.layer_idx in seen:
+                raise RuntimeError(f"{', '.join(active)} cannot decode from a generation cache (transformers' "
+                                   "cached path does not apply it): generate with use_cache=False")
+            seen.add(self.layer_idx)
+        hooks_active = any(getattr(self, h, None) is not None for h in HOOKS) or bool(
+            self.x_proj._forward_hooks or self.out_proj._forward_hooks or self.dt_proj._forward_hooks)
         if hidden_states.is_cuda and not hooks_active and attention_mask is None:
             mamba_inner_fn = _cuda_kernels()
             if mamba_inner_fn is not None:
@@ -70,28 +88,39 @@ class FastMambaMixer(MambaMixer):
         if mask is not None:
             hidden_states = hidden_states * mask[..., None]
         xz = self.in_proj(hidden_states)  # [Bt, L, 2E]
-        affix = getattr(self, "affix_tokens", None)  # [n, 2E]
+        x, z = xz.chunk(2, dim=-1)  # [Bt, L, E] each
+        affix = getattr(self, "affix_tokens", None)
+        if affix is not None and not isinstance(affix, torch.Tensor):
+            affix = affix()  # a projection computes them
         n_affix = 0 if affix is None else affix.shape[0]
-        if affix is not None:
-            xz = torch.cat([affix.to(xz.dtype).expand(bt, -1, -1), xz], dim=1)  # [Bt, n + L, 2E]
+        if affix is not None:  # [n, E]
+            x = torch.cat([affix.to(x.dtype).expand(bt, -1, -1), x], dim=1)  # [Bt, n + L, E]
+            z = torch.cat([z.new_zeros(bt, n_affix, z.shape[-1]), z], dim=1)  # [Bt, n + L, E]
             if mask is not None:
                 mask = torch.cat([mask.new_ones(bt, n_affix), mask], dim=1)  # [Bt, n + L]
-        x, z = xz.chunk(2, dim=-1)  # [Bt, L', E] each
+        conv_state = getattr(self, "conv_state", None)  # [K-1, E]
+        if conv_state is not None:
+            x = torch.cat([conv_state.to(x.dtype).expand(bt, -1, -1), x], dim=1)  # [Bt, K-1 + L', E]
         if self.activation == "silu":
             x = causal_conv(x, self.conv1d.weight, self.conv1d.bias, silu=True, impl=self.scan_impl)
         else:
             x = self.act(causal_conv(x, self.conv1d.weight, self.conv1d.bias, silu=False, impl=self.scan_impl))
+        if conv_state is not None:
+            x = x[:, conv_state.shape[0] :]  # [Bt, L', E]
         if mask is not None:
             x = x * mask[..., None]
         n_state = self.A_log.shape[1]
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, n_state, n_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # [Bt, L', E]
         A = -torch.exp(self.A_log.float())  # [E, N]
-        h0 = getattr(self, "initial_state", None)
-        if h0 is not None and h0.dim() == 2:
-            h0 = h0[None]  # [1, E, N]
+        h0 = getattr(self, "initial_state", None)  # [E, N']
+        if h0 is not None:
+            h0 = F.pad(h0.float(), (0, n_state - h0.shape[-1]))[None]  # [1, E, N]
         y = selective_scan_tokens(x, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
                                   delta_softplus=True, initial_state=h0, impl=self.scan_impl)  # [Bt, L', E]
+        offset = getattr(self, "state_offset", None)  # [E, N']
+        if offset is not None:
+            y = y + (F.silu(z) * (C[..., : offset.shape[1]] @ offset.to(C.dtype).T)).to(y.dtype)  # [Bt, L', E]
         if n_affix:
             y = y[:, n_affix:]  # the affix positions are dropped
         return self.out_proj(y.to(hidden_states.dtype))  # [Bt, L, D]

@@ -73,8 +73,13 @@ class SequenceClassifier(nn.Module):
 
     def pooled(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         inputs = self.embed(ids)  # [B, L, D]
+        # Prompt tuning places a suffix after each example's last real token, so it needs to know them; other
+        # methods do not, and without a mask the fused CUDA path stays available.
+        mask = None
+        if getattr(self.backbone, "prompt_tuning", None) is not None:
+            mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()  # [B, L]
         # No generation cache: with one, transformers (and so our mixer) take the step-by-step cached path.
-        states = self.backbone(inputs_embeds=inputs, use_cache=False).last_hidden_state  # [B, L, D]
+        states = self.backbone(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
         if self.pooling == "last":
             idx = (lengths - 1).clamp(min=0)
             return states[torch.arange(states.shape[0]), idx]  # [B, D]

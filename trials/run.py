@@ -6,10 +6,12 @@ Ray Tune's reporter; tests hand in a list's ``append``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,8 +20,10 @@ import torch
 from torch import nn
 
 from space.config import TrialConfig
+from space.methods import SdtConfig
 from trials.data import Split, TaskData
 from trials.methods import AppliedMethods, ModelDims, apply_methods, count_params
+from trials.methods.sdt import warmup_selection
 from trials.model import SequenceClassifier, load_base_model
 from trials.tasks import load_task
 
@@ -79,15 +83,19 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
     quiet_transformers()
     torch.manual_seed(cfg.seed)
     data = data or load_task(cfg.task, cfg.model)
+    sdt = cfg.methods.get("sdt")
+    if isinstance(sdt, SdtConfig) and sdt.selection is None:  # SDT picks its dimensions in a warm-up run first
+        cfg = cfg.model_copy(update={"methods": {**cfg.methods, "sdt": warmup_selection(cfg, data)}})
     lm = load_base_model(cfg.model.checkpoint, cfg.model.scan)
     if data.max_token_id() >= lm.config.vocab_size:
         raise ValueError(f"task {data.name!r} uses token id {data.max_token_id()} but model.checkpoint "
                          f"{cfg.model.checkpoint!r} has vocab_size {lm.config.vocab_size}")
     model = SequenceClassifier(lm, data.num_classes, cfg.model.pooling)
+    dims = ModelDims.from_config(lm.config)  # the base model's sizes (additional-scan enlarges the state)
     applied = apply_methods(lm, cfg.methods)  # freezes lm, then adds the methods' tensors
     model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    expected = expected_trainable(cfg, ModelDims.from_config(lm.config), data.num_classes)
+    expected = expected_trainable(cfg, dims, data.num_classes)
     if trainable != expected:
         raise RuntimeError(f"measured trainable parameters {trainable} != closed form {expected}")
     total = sum(p.numel() for p in model.parameters())
@@ -120,8 +128,48 @@ def warmup_cosine(steps: int, warmup_fraction: float) -> Callable[[int], float]:
     return factor
 
 
+# torch.autocast's compute dtype per training.precision; fp32 runs without autocast.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def forward_precision(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's precision: autocast to bf16/fp16 (parameters stay fp32, only op inputs are cast; the
+    selective scan turns autocast off and runs in fp32), or nothing for fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"training.precision: {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   params: list[nn.Parameter], grad_clip: float) -> None:
+    """Backward and one optimiser step. With a scaler (fp16) the loss is scaled for backward, the gradients
+    are unscaled before clipping, and a step whose gradients overflowed is skipped while the scale shrinks."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str | torch.device = "cpu") -> float:
+def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str | torch.device = "cpu",
+             precision: str = "fp32") -> float:
     was_training = model.training
     model.eval()
     correct = 0
@@ -129,7 +177,8 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str 
         ids = split.ids[i : i + batch_size].to(device)
         lengths = split.lengths[i : i + batch_size].to(device)
         ids = ids[:, : int(lengths.max())]  # drop all-padding columns
-        logits = model(ids, lengths)
+        with forward_precision(device, precision):
+            logits = model(ids, lengths)
         correct += int((logits.argmax(-1).cpu() == split.labels[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / max(1, len(split))
@@ -190,6 +239,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     opt = make_optimizer(built, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, t.warmup_fraction))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    scaler = grad_scaler(device, t.precision)
     gen = torch.Generator().manual_seed(cfg.seed)
     it = batches(built.data.train, t.batch_size, gen)
     curve: list[dict[str, float]] = []
@@ -200,27 +250,27 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     loss_sum, loss_n = 0.0, 0
     for step in range(1, steps + 1):
         ids, lengths, labels = next(it)
-        logits = model(ids.to(device), lengths.to(device))  # [B, classes]
-        loss = nn.functional.cross_entropy(logits, labels.to(device))
+        with forward_precision(device, t.precision):
+            logits = model(ids.to(device), lengths.to(device))  # [B, classes]
+        loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step} (learning rate too high?)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_(trainable, t.grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, scaler, trainable, t.grad_clip)
+        with warnings.catch_warnings():
+            # The schedule follows the step count even when fp16's scaler skipped the optimiser step.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            sched.step()
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         if step % t.eval_every == 0 or step == steps:
             train_seconds += time.perf_counter() - t0
-            val_acc = evaluate(model, built.data.val, device=device)
+            val_acc = evaluate(model, built.data.val, device=device, precision=t.precision)
             point = {"step": step, "val_accuracy": val_acc, "train_loss": loss_sum / loss_n}
             curve.append(point)
             loss_sum, loss_n = 0.0, 0
             if report is not None and step != steps:
                 report({**point, "trainable_params": built.trainable_params, FINISHED: False})
             t0 = time.perf_counter()
-    test_acc = evaluate(model, built.data.test, device=device)
+    test_acc = evaluate(model, built.data.test, device=device, precision=t.precision)
     result = TrialResult(
         val_accuracy=val_acc, test_accuracy=test_acc, trainable_params=built.trainable_params,
         trainable_pct=100.0 * built.trainable_params / built.total_params,

@@ -196,20 +196,29 @@ class _CompiledConv(torch.autograd.Function):
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True,
                 impl: Impl = "auto") -> torch.Tensor:
     """``nn.Conv1d(E, E, K, groups=E, padding=K - 1)`` on the first L outputs (then SiLU when ``silu``), on
-    token-major x [Bt, L, E] with weight [E, 1, K]."""
+    token-major x [Bt, L, E] with weight [E, 1, K].
+
+    Computed in fp32 with autocast off, like the scan it feeds; the result has the dtype x and weight promote
+    to, so under autocast (bf16 x, fp32 master weight) the scan receives the fp32 output unrounded.
+    """
     which = resolve_impl(impl)
-    w = weight[:, 0, :]  # [E, K]
-    if which == "compiled" and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(2) == 1:
-        return _CompiledConv.apply(x, w.float().contiguous(), None if bias is None else bias.float().contiguous(),
-                                   silu)
-    k, length = w.shape[1], x.shape[1]
-    padded = F.pad(x, (0, 0, k - 1, 0))  # [Bt, L + K - 1, E]
-    out = padded[:, :length] * w[:, 0]
-    for i in range(1, k):
-        out = torch.addcmul(out, padded[:, i : i + length], w[:, i])  # [Bt, L, E]
-    if bias is not None:
-        out = out + bias
-    return F.silu(out) if silu else out
+    dtype = torch.result_type(x, weight)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.float()  # a no-op (the strided view itself) when x is already fp32
+        w = weight[:, 0, :].float()  # [E, K]
+        b = None if bias is None else bias.float()
+        if which == "compiled" and x.device.type == "cpu" and xf.stride(2) == 1:
+            out = _CompiledConv.apply(xf, w.contiguous(), None if b is None else b.contiguous(), silu)
+            return out.to(dtype)
+        k, length = w.shape[1], xf.shape[1]
+        padded = F.pad(xf, (0, 0, k - 1, 0))  # [Bt, L + K - 1, E]
+        out = padded[:, :length] * w[:, 0]
+        for i in range(1, k):
+            out = torch.addcmul(out, padded[:, i : i + length], w[:, i])  # [Bt, L, E]
+        if b is not None:
+            out = out + b
+        out = F.silu(out) if silu else out
+    return out.to(dtype)
 
 
 # --- the pure-PyTorch path -----------------------------------------------------------------------------

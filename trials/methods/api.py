@@ -80,15 +80,22 @@ def merge_methods(lm: nn.Module) -> None:
     """Fold every parametrisation into the tensor it adapts; ``lm`` becomes a plain HF Mamba model.
 
     Raises (changing nothing) when a non-mergeable method is applied: save its adapter weights instead."""
+    from trials.methods.prompt import ATTRIBUTE
     from trials.mixer import HOOKS
 
-    present = sorted({h for m in lm.modules() for h in HOOKS if getattr(m, h, None) is not None})
+    present = sorted({h for m in lm.modules() for h in (*HOOKS, ATTRIBUTE) if getattr(m, h, None) is not None})
     if present:
         raise MethodError(f"cannot merge: {', '.join(present)} is not a weight delta; save the adapter instead")
-    for module in list(lm.modules()):
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):  # type: ignore[union-attr,operator]
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    # Every effective tensor is computed before any is folded: a tied weight (embeddings and lm_head) is one
+    # stored tensor under two parametrisations, and folding one first would make the other add its delta twice.
+    targets = [(module, name) for module in lm.modules() if parametrize.is_parametrized(module)
+               for name in list(module.parametrizations.keys())]  # type: ignore[union-attr,operator]
+    with torch.no_grad():
+        values = [getattr(module, name).detach().clone() for module, name in targets]
+    for (module, name), value in zip(targets, values, strict=True):
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        with torch.no_grad():
+            getattr(module, name).set_(value)  # the same Parameter object, possibly a new shape (additional-scan)
 
 
 def adapter_state(lm: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,79 @@
+"""ProDiaL (Ham et al. 2025, "Parameter-efficient fine-tuning of state space models via projector-targeted
+diagonal-centric linear transformation") on ``in_proj`` or ``out_proj``:
+
+    W' = diag(s) W T + scale * B A,    T = I + blockdiag(R_1, ..., R_b)
+
+W [out, in]; R_j [k, k] the zero-initialised blocks of ``block_size`` k input features (b = in / k); s [out]
+ones-initialised output scale; A [r, in] Kaiming-uniform and B [out, r] zeros (the LoRA part). At init T = I,
+s = 1 and B = 0, so W' = W exactly.
+
+The reference code sets T's diagonal to 1 - ReLU(diag R) with R zero-initialised, so the diagonal never gets a
+gradient (ReLU'(0) = 0; peft-methods.md pitfall P10). Here the diagonal is 1 + R_jj like the rest of the
+block, which is differentiable at init, so every entry of R learns. Trainable per layer: in k + out + r (in +
+out). Mergeable: W <- W'.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from space.methods import ProdialConfig
+from trials.methods.base import MethodError, ModelDims, mixers
+
+
+class ProdialTransform(nn.Module):
+    def __init__(self, out_features: int, in_features: int, block_size: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.block_size, self.scale = block_size, scale
+        self.blocks = nn.Parameter(torch.zeros(in_features // block_size, block_size, block_size))  # [b, k, k]
+        self.out_scale = nn.Parameter(torch.ones(out_features))  # [out]
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # [out, r]
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        out_f, in_f = weight.shape
+        b, k = self.blocks.shape[0], self.block_size
+        # W T = W + W blockdiag(R): each block of k input columns times its R_j.
+        mixed = torch.einsum("obi,bij->obj", weight.reshape(out_f, b, k), self.blocks.to(weight.dtype))
+        transformed = weight + mixed.reshape(out_f, in_f)  # [out, in]
+        lora = self.scale * (self.lora_B @ self.lora_A)  # [out, in]
+        return self.out_scale.to(weight.dtype)[:, None] * transformed + lora.to(weight.dtype)
+
+
+class Prodial:
+    mergeable = True
+
+    def __init__(self, name: str, module: str) -> None:
+        self.name, self.module = name, module
+
+    def _sizes(self, dims: ModelDims) -> tuple[int, int]:
+        return (2 * dims.E, dims.D) if self.module == "in_proj" else (dims.D, dims.E)  # (out, in)
+
+    def count(self, cfg: ProdialConfig, dims: ModelDims) -> int:
+        out_f, in_f = self._sizes(dims)
+        return dims.L * (in_f * cfg.block_size + out_f + cfg.rank * (in_f + out_f))
+
+    def apply(self, lm: nn.Module, cfg: ProdialConfig) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for i, mixer in enumerate(mixers(lm)):
+            module = getattr(mixer, self.module)
+            out_f, in_f = module.weight.shape
+            where = f"backbone.layers.{i}.mixer.{self.module}"
+            if in_f % cfg.block_size:
+                raise MethodError(f"{self.name}.block_size {cfg.block_size} does not divide the input size {in_f} "
+                                  f"of {where}")
+            if cfg.rank > min(in_f, out_f):
+                raise MethodError(f"{self.name}.rank {cfg.rank} exceeds the smaller side {min(in_f, out_f)} of "
+                                  f"{where}")
+            transform = ProdialTransform(out_f, in_f, cfg.block_size, cfg.rank, cfg.scale).to(module.weight.device)
+            parametrize.register_parametrization(module, "weight", transform)
+            params += list(transform.parameters())
+        return params
+
+
+PRODIAL_METHODS = [Prodial("prodial_in_proj", "in_proj"), Prodial("prodial_out_proj", "out_proj")]

@@ -1,0 +1,152 @@
+"""Sparse dimension tuning (SDT; Galim et al. 2025, "Parameter-Efficient Fine-Tuning of State Space Models",
+arXiv 2410.09016, the SSM half of SDLoRA in furiosa-ai/ssm-peft).
+
+1. A warm-up run trains a dense zero-init delta on ``A_log`` [E, N] only (the ``a_log_delta`` method) from the
+   pretrained model, with the trial's data and training settings (``warmup_selection``).
+2. Per layer, channel importance is sum_n delta[e, n]^2; the top c = E - round(freeze_channel * E) channels are
+   kept and, for each, its top s = N - round(freeze_state * N) states by delta^2 (``select_dimensions``).
+3. The trial restarts from the pretrained model and tunes zero-init deltas only on A_log[kept channel, its kept
+   states] (c s values) and on x_proj's B rows (R..R+N-1) and C rows (R+N..R+2N-1) at the kept channel columns,
+   all N states (N c each). The channel choice is per layer and shared by A, B and C.
+
+Trainable per layer: c s + 2 N c (mamba-130m, freeze 0.99 / 0.75: 15 * 4 + 2 * 16 * 15 = 540). SDLoRA adds
+LoRA r8 on out_proj (``lora_out_proj``). Each delta is a parametrisation P -> P + scatter(delta) at fixed index
+buffers, so every path reading ``A_log`` / ``x_proj.weight`` sees the effective tensor, it stacks on other
+parametrisations of the same tensor, and merging folds it in. Python's ``round`` (half to even) sets c and s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from space.methods import DeltaConfig, SdtConfig, SdtLayer
+from trials.methods.base import MethodError, ModelDims, mixers
+
+if TYPE_CHECKING:
+    from space.config import TrialConfig
+    from trials.data import TaskData
+
+
+class SparseDelta(nn.Module):
+    """Parametrisation P -> P + delta scattered at P[rows, cols]; delta zero-initialised, of the index shape.
+
+    The scatter is out of place (``index_put`` with ``accumulate``), so gradients reach both P's chain and
+    delta; the indices are buffers so they follow the module to its device."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows, persistent=False)  # [*shape] long
+        self.register_buffer("cols", cols, persistent=False)  # [*shape] long
+        self.delta = nn.Parameter(torch.zeros(rows.shape))  # [*shape]
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value.index_put((self.rows, self.cols), self.delta.to(value.dtype), accumulate=True)
+
+
+def kept_sizes(cfg: SdtConfig, channels: int, states: int) -> tuple[int, int]:
+    """(c, s): how many channels of ``channels`` (E) and states of ``states`` (N) the fractions keep."""
+    c = channels - round(cfg.freeze_channel * channels)
+    s = states - round(cfg.freeze_state * states)
+    if c < 1 or s < 1:
+        raise MethodError(f"sdt: freeze_channel {cfg.freeze_channel} / freeze_state {cfg.freeze_state} keep {c} of "
+                          f"E={channels} channels and {s} of N={states} states; lower them to keep at least one")
+    return c, s
+
+
+def _top(score: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest entries, ties to the lower index, returned in ascending order."""
+    order = torch.sort(score, descending=True, stable=True).indices[:k]
+    return sorted(order.tolist())
+
+
+def select_dimensions(a_log_deltas: list[torch.Tensor], cfg: SdtConfig) -> list[SdtLayer]:
+    """The per-layer selection from the warm-up's A_log deltas (each [E, N])."""
+    out = []
+    for delta in a_log_deltas:
+        sq = delta.detach().float().square()  # [E, N]
+        c, s = kept_sizes(cfg, *sq.shape)
+        channels = _top(sq.sum(dim=1), c)  # [E] importance
+        out.append(SdtLayer(channels=tuple(channels), states=tuple(tuple(_top(sq[e], s)) for e in channels)))
+    return out
+
+
+def warmup_selection(cfg: TrialConfig, data: TaskData | None = None) -> SdtConfig:
+    """Run SDT's warm-up for ``cfg`` (a trial with ``sdt`` among its methods) and return its sdt config with the
+    selection filled in. The warm-up is a trial of its own: ``a_log_delta`` alone, same model, task, training
+    settings and seed, for ``warmup_steps``. The global RNG state is restored afterwards, so the trial that
+    follows is the same as one given this selection outright."""
+    from trials.run import build_trial, run_trial  # trials.run imports this package
+
+    sdt = cfg.methods["sdt"]
+    if not isinstance(sdt, SdtConfig):
+        raise MethodError(f"sdt: expected an SdtConfig, got {type(sdt).__name__}")
+    warm = cfg.model_copy(update={"methods": {"a_log_delta": DeltaConfig()}})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where run_trial trains
+    with torch.random.fork_rng():
+        built = build_trial(warm, data, device)
+        run_trial(warm, steps=sdt.warmup_steps, built=built)
+    deltas = [p.detach().cpu() for p in built.applied.params["a_log_delta"]]
+    return sdt.model_copy(update={"selection": tuple(select_dimensions(deltas, sdt))})
+
+
+def _checked(layer: SdtLayer, i: int, c: int, s: int, dims: ModelDims) -> None:
+    where = f"sdt: selection layer {i}"
+    if len(layer.channels) != c:
+        raise MethodError(f"{where}: {len(layer.channels)} channels, the config keeps {c}")
+    if len(set(layer.channels)) != c:
+        raise MethodError(f"{where}: repeated channel in {list(layer.channels)}")
+    if any(not 0 <= e < dims.E for e in layer.channels):
+        raise MethodError(f"{where}: channel outside 0..{dims.E - 1} in {list(layer.channels)}")
+    if len(layer.states) != c:
+        raise MethodError(f"{where}: {len(layer.states)} state lists for {c} channels")
+    for e, states in zip(layer.channels, layer.states, strict=True):
+        if len(states) != s or len(set(states)) != s:
+            raise MethodError(f"{where}: channel {e} has states {list(states)}, the config keeps {s} distinct ones")
+        if any(not 0 <= n < dims.N for n in states):
+            raise MethodError(f"{where}: channel {e} has a state outside 0..{dims.N - 1} in {list(states)}")
+
+
+class Sdt:
+    name = "sdt"
+    mergeable = True
+
+    def count(self, cfg: SdtConfig, dims: ModelDims) -> int:
+        c, s = kept_sizes(cfg, dims.E, dims.N)
+        return dims.L * (c * s + 2 * dims.N * c)
+
+    def apply(self, lm: nn.Module, cfg: SdtConfig) -> list[nn.Parameter]:
+        dims = ModelDims.from_config(lm.config)
+        if cfg.selection is None:
+            raise MethodError("sdt: no selection; build the trial with trials.run.build_trial (it runs the warm-up) "
+                              "or pass the config trials.methods.sdt.warmup_selection returns")
+        c, s = kept_sizes(cfg, dims.E, dims.N)
+        layers = mixers(lm)
+        if len(cfg.selection) != len(layers):
+            raise MethodError(f"sdt: selection has {len(cfg.selection)} layers, the model {len(layers)}")
+        params = []
+        for i, (mixer, layer) in enumerate(zip(layers, cfg.selection, strict=True)):
+            _checked(layer, i, c, s, dims)
+            channels = torch.tensor(layer.channels)  # [c]
+            a_rows = channels[:, None].expand(c, s).clone()  # [c, s]
+            a_cols = torch.tensor(layer.states)  # [c, s]
+            # The C block starts after all of A_log's states (the mixer splits x_proj's output the same way).
+            n_state = mixer.A_log.shape[1]
+            b_rows = dims.R + torch.arange(dims.N)  # [N]
+            x_rows = torch.cat([b_rows, b_rows + n_state])[:, None].expand(2 * dims.N, c).clone()  # [2N, c]
+            x_cols = channels[None, :].expand(2 * dims.N, c).clone()  # [2N, c]
+            if mixer.x_proj.weight.shape[0] < dims.R + n_state + dims.N:
+                raise MethodError(f"sdt: backbone.layers.{i}.mixer.x_proj has {mixer.x_proj.weight.shape[0]} rows, "
+                                  f"fewer than dt + B + C = {dims.R + n_state + dims.N}")
+            a_delta = SparseDelta(a_rows, a_cols).to(mixer.A_log.device)
+            x_delta = SparseDelta(x_rows, x_cols).to(mixer.x_proj.weight.device)
+            parametrize.register_parametrization(mixer, "A_log", a_delta)
+            parametrize.register_parametrization(mixer.x_proj, "weight", x_delta)
+            params += [a_delta.delta, x_delta.delta]
+        return params
+
+
+SDT = Sdt()
