@@ -119,3 +119,16 @@ def test_example_spaces_are_valid_and_sample_every_method():
 def test_a_searched_boolean_rejects_non_booleans(tmp_path):
     text = "methods: {lora_in_proj: {dora: maybe}}"
     assert "methods.lora_in_proj.dora: expected true, false or a mapping with 'choices'" in error_of(tmp_path, text)
+
+
+def test_the_stage1_example_lists_every_method_and_samples_each_one():
+    from trials.methods import REGISTRY
+
+    space = load_space(REPO / "examples" / "stage1-all-methods.yaml")
+    assert set(space.methods) == set(REGISTRY)
+    on = {name: True for name in space.methods if name != "lora_halloran"}
+    params = {f"{name}.enabled": True for name in on} | {"prompt_tuning.position": "prefix_suffix",
+                                                          "lora_in_proj.dora": False,
+                                                          "training.learning_rate": 3e-3}
+    cfg = replay_trial(space, params)
+    assert set(cfg.methods) == set(on)
