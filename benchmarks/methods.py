@@ -36,10 +36,25 @@ def build(config: str) -> Any:
     return use_scan(MambaForCausalLM(cfg), "auto")
 
 
-def run_case(config: str, method: str, length: int, batch: int, threads: int, reps: int) -> dict:
+def benchmark_config(method: str, lm: Any) -> Any:
+    """The method's default config; SDT gets the selection a warm-up would give (here from a random A_log delta:
+    the cost depends on how many entries are tuned, not on which)."""
     import torch
 
     from space.methods import METHOD_SPACES
+    from trials.methods.sdt import select_dimensions
+
+    cfg = METHOD_SPACES[method][1]()
+    if method == "sdt":
+        gen = torch.Generator().manual_seed(0)
+        deltas = [torch.randn(layer.mixer.A_log.shape, generator=gen) for layer in lm.backbone.layers]
+        cfg = cfg.model_copy(update={"selection": tuple(select_dimensions(deltas, cfg))})
+    return cfg
+
+
+def run_case(config: str, method: str, length: int, batch: int, threads: int, reps: int) -> dict:
+    import torch
+
     from trials.methods import apply_methods
 
     torch.set_num_threads(threads)
@@ -48,7 +63,7 @@ def run_case(config: str, method: str, length: int, batch: int, threads: int, re
     if method == FULL:
         params = list(lm.parameters())
     else:
-        applied = apply_methods(lm, {method: METHOD_SPACES[method][1]()})
+        applied = apply_methods(lm, {method: benchmark_config(method, lm)})
         params = [p for ps in applied.params.values() for p in ps]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(3, lm.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
