@@ -41,15 +41,14 @@ def benchmark_config(method: str, lm: Any) -> Any:
     the cost depends on how many entries are tuned, not on which)."""
     import torch
 
-    from space.methods import METHOD_SPACES
+    from space.methods import METHOD_SPACES, SdtConfig
     from trials.methods.sdt import select_dimensions
 
-    cfg = METHOD_SPACES[method][1]()
-    if method == "sdt":
-        gen = torch.Generator().manual_seed(0)
-        deltas = [torch.randn(layer.mixer.A_log.shape, generator=gen) for layer in lm.backbone.layers]
-        cfg = cfg.model_copy(update={"selection": tuple(select_dimensions(deltas, cfg))})
-    return cfg
+    if method != "sdt":
+        return METHOD_SPACES[method][1]()
+    gen = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(layer.mixer.A_log.shape, generator=gen) for layer in lm.backbone.layers]
+    return SdtConfig(selection=tuple(select_dimensions(deltas, SdtConfig())))
 
 
 def run_case(config: str, method: str, length: int, batch: int, threads: int, reps: int) -> dict:

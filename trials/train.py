@@ -36,7 +36,8 @@ def _load_head(model: SequenceClassifier, tensors: dict[str, torch.Tensor]) -> N
 
 def train(cfg: TrialConfig, out: Path, steps: int | None = None, echo=print) -> dict:
     steps = steps or cfg.training.final_steps
-    built = build_trial(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device run_trial trains on
+    built = build_trial(cfg, device=device)
     echo(f"training {cfg.summary()} for {steps} steps ({built.trainable_params:,} trainable parameters)")
 
     def progress(m: dict) -> None:
@@ -46,9 +47,10 @@ def train(cfg: TrialConfig, out: Path, steps: int | None = None, echo=print) -> 
     result = run_trial(cfg, report=progress, steps=steps, built=built)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trial_config.yaml").write_text(cfg.to_yaml())
-    model = built.model
+    model = built.model.cpu()  # saved, merged and compared on the CPU
     model.eval()
-    save_adapters(model.lm, cfg.methods, out / "adapter", extra=_head_state(model))
+    # The applied configs, not cfg.methods: SDT's carries the selection its warm-up made.
+    save_adapters(model.lm, built.applied.configs, out / "adapter", extra=_head_state(model))
     metrics = {**result.metrics(), "steps": steps, "curve": result.curve}
     if all(REGISTRY[name].mergeable for name in cfg.methods):
         # Rebuilt from the saved adapter (parametrised modules cannot be deep-copied), which also checks it.

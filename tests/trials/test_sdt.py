@@ -218,8 +218,6 @@ def test_a_trial_runs_the_warm_up_and_carries_its_selection(monkeypatch):
     assert result.method_params["sdt"] == 4 * (13 * 4 + 2 * 16 * 13)
 
 
-@pytest.mark.xfail(strict=True, raises=MethodError,
-                   reason="trials/train.py saves cfg.methods (no selection) instead of built.applied.configs")
 def test_a_trained_sdt_trial_reloads_from_its_adapter(tmp_path):
     from trials.train import load_trained, train
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ def check_dropout(name: str, module: str, cfg: LoraConfig) -> None:
         raise MethodError(f"{name}.dropout {cfg.dropout}: dropout with dora is not supported; set dropout: 0")
 
 
-def add_lora(module: nn.Module, cfg: LoraConfig, start: int = 0, stop: int | None = None,
+def add_lora(module: Any, cfg: LoraConfig, start: int = 0, stop: int | None = None,
              where: str = "") -> LoraDelta:
     """Parametrise ``module.weight`` with a LoRA (or DoRA) delta on output rows [start, stop); returns it."""
     weight = module.weight
@@ -164,6 +165,7 @@ class EmbeddingLora:
             delta.lora_B.normal_()
             delta.lora_A.zero_()
         if tied:
+            assert head is not None
             parametrize.register_parametrization(head, "weight", delta)
         return lora_params(delta)
 

@@ -13,6 +13,7 @@ norms; 2E for BitFit. Mergeable: P <- P + delta. A model built without a conv1d 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ class AdditiveDelta(nn.Module):
         return value + self.delta.to(value.dtype)
 
 
-def _conv_bias(lm: nn.Module, i: int) -> None:
+def _conv_bias(lm: Any, i: int) -> None:
     """Give ``layers.i.mixer.conv1d`` a frozen zero bias if it was built without one (BitFit creates it)."""
     mixer = mixers(lm)[i]
     if mixer.conv1d.bias is None:

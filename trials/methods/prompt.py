@@ -130,8 +130,8 @@ class PromptTuning:
 
     def apply(self, lm: nn.Module, cfg: PromptConfig) -> list[nn.Parameter]:
         mixers(lm)
-        backbone = lm.get_submodule("backbone")
-        table = backbone.embeddings.weight  # type: ignore[union-attr]
+        backbone: Any = lm.get_submodule("backbone")
+        table = backbone.embeddings.weight
         prefix, suffix = self.sites(cfg)
         rows = torch.randint(0, table.shape[0], (prefix + suffix,))
         prompt = PromptTokens(table.detach()[rows.to(table.device)].float(), prefix, suffix, cfg.projection)

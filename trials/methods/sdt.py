@@ -37,6 +37,9 @@ class SparseDelta(nn.Module):
     The scatter is out of place (``index_put`` with ``accumulate``), so gradients reach both P's chain and
     delta; the indices are buffers so they follow the module to its device."""
 
+    rows: torch.Tensor
+    cols: torch.Tensor
+
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("rows", rows, persistent=False)  # [*shape] long
@@ -133,14 +136,12 @@ class Sdt:
             channels = torch.tensor(layer.channels)  # [c]
             a_rows = channels[:, None].expand(c, s).clone()  # [c, s]
             a_cols = torch.tensor(layer.states)  # [c, s]
-            # The C block starts after all of A_log's states (the mixer splits x_proj's output the same way).
+            # The C block starts after all of A_log's states, as the mixer splits x_proj's output (a method that
+            # adds states may have enlarged both).
             n_state = mixer.A_log.shape[1]
             b_rows = dims.R + torch.arange(dims.N)  # [N]
             x_rows = torch.cat([b_rows, b_rows + n_state])[:, None].expand(2 * dims.N, c).clone()  # [2N, c]
             x_cols = channels[None, :].expand(2 * dims.N, c).clone()  # [2N, c]
-            if mixer.x_proj.weight.shape[0] < dims.R + n_state + dims.N:
-                raise MethodError(f"sdt: backbone.layers.{i}.mixer.x_proj has {mixer.x_proj.weight.shape[0]} rows, "
-                                  f"fewer than dt + B + C = {dims.R + n_state + dims.N}")
             a_delta = SparseDelta(a_rows, a_cols).to(mixer.A_log.device)
             x_delta = SparseDelta(x_rows, x_cols).to(mixer.x_proj.weight.device)
             parametrize.register_parametrization(mixer, "A_log", a_delta)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import AdditionalScanConfig, AffixConfig, InitialStateConfig, ZeroDecayConfig
-from trials.methods.base import MethodError, ModelDims, mixers
+from trials.methods.base import Method, MethodError, ModelDims, mixers
 
 
 def project_mixers(lm: nn.Module, method: str) -> list[Any]:
@@ -50,8 +50,8 @@ def base_state_size(mixer: nn.Module) -> int:
     """N of the pretrained model, also after additional-scan has enlarged A_log (the state hooks cover the first
     N states; the mixer zero-pads them to the enlarged size)."""
     if parametrize.is_parametrized(mixer, "A_log"):
-        return mixer.parametrizations.A_log.original.shape[1]  # type: ignore[union-attr,index]
-    return mixer.A_log.shape[1]  # type: ignore[union-attr,index]
+        return int(mixer.parametrizations.A_log.original.shape[1])  # type: ignore[union-attr,index]
+    return int(mixer.A_log.shape[1])  # type: ignore[union-attr,index]
 
 
 class AffixEncoder(nn.Module):
@@ -181,7 +181,7 @@ class AdditionalScan:
     def count(self, cfg: AdditionalScanConfig, dims: ModelDims) -> int:
         return dims.L * 3 * dims.E * cfg.states
 
-    def apply(self, lm: nn.Module, cfg: AdditionalScanConfig) -> list[nn.Parameter]:
+    def apply(self, lm: Any, cfg: AdditionalScanConfig) -> list[nn.Parameter]:
         dims = ModelDims.from_config(lm.config)
         params: list[nn.Parameter] = []
         for i, mixer in enumerate(mixers(lm)):
@@ -199,5 +199,5 @@ class AdditionalScan:
 
 
 AFFIX_METHODS = [AffixTuning()]
-STATE_METHODS = [InitialState(), StateOffset()]
+STATE_METHODS: list[Method] = [InitialState(), StateOffset()]
 ADDITIONAL_SCAN_METHODS = [AdditionalScan()]
