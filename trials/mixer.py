@@ -120,7 +120,9 @@ class FastMambaMixer(MambaMixer):
                                   delta_softplus=True, initial_state=h0, impl=self.scan_impl)  # [Bt, L', E]
         offset = getattr(self, "state_offset", None)  # [E, N']
         if offset is not None:
-            y = y + (F.silu(z) * (C[..., : offset.shape[1]] @ offset.to(C.dtype).T)).to(y.dtype)  # [Bt, L', E]
+            with torch.autocast(device_type=y.device.type, enabled=False):  # in fp32, like the scan
+                shift = F.silu(z.float()) * (C[..., : offset.shape[1]].float() @ offset.float().T)  # [Bt, L', E]
+            y = y + shift.to(y.dtype)
         if n_affix:
             y = y[:, n_affix:]  # the affix positions are dropped
         return self.out_proj(y.to(hidden_states.dtype))  # [Bt, L, D]

@@ -78,6 +78,16 @@ def test_fp16_trial_skips_the_step_whose_gradient_overflowed_and_halves_the_scal
     assert all(params[n].equal(v) for n, v in before.items())  # unscaled inf -> no update, no NaN weights
 
 
+def test_fp16_trial_clips_the_unscaled_gradients(monkeypatch):
+    norms: dict[str, float] = {}
+    clip = torch.nn.utils.clip_grad_norm_
+    for precision in ("fp32", "fp16"):
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, p=precision: (
+            norms.__setitem__(p, float(clip(params, max_norm))), norms[p])[1])
+        run_trial(precision_trial(precision, steps=1, eval_every=1))
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)  # not 2**16 times it
+
+
 def scan_inputs(gen: torch.Generator, low: torch.dtype, bt: int = 2, length: int = 19, e: int = 8, n: int = 4):
     """What the mixer hands the scan under autocast: conv output x in fp32, projections (dt, B, C, z) in the
     autocast dtype, and the fp32 SSM parameters A, D and the dt bias."""
