@@ -184,6 +184,11 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str 
     return correct / max(1, len(split))
 
 
+def trial_device() -> torch.device:
+    """Where trials train (and so where SDT's warm-up and ``trials.train`` build them)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a trial's peak-memory window. A reused Ray worker runs many trials in one process, so the
     process-lifetime peak would report the largest trial so far; on Linux writing 5 to clear_refs resets
@@ -231,7 +236,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     ``report`` receives ``val_accuracy`` every ``eval_every`` steps, then a last report with every metric and
     ``finished: True``.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = trial_device()
     reset_peak_memory(device)
     built = built or build_trial(cfg, data, device)
     model, t = built.model, cfg.training

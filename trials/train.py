@@ -21,7 +21,7 @@ import torch
 from space.config import SpaceError, TrialConfig
 from trials.methods import REGISTRY, load_adapters, merge_methods, save_adapters
 from trials.model import SequenceClassifier, load_base_model
-from trials.run import build_trial, quiet_transformers, run_trial
+from trials.run import build_trial, quiet_transformers, run_trial, trial_device
 
 HEAD_FILE = "head.safetensors"
 
@@ -36,8 +36,7 @@ def _load_head(model: SequenceClassifier, tensors: dict[str, torch.Tensor]) -> N
 
 def train(cfg: TrialConfig, out: Path, steps: int | None = None, echo=print) -> dict:
     steps = steps or cfg.training.final_steps
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device run_trial trains on
-    built = build_trial(cfg, device=device)
+    built = build_trial(cfg, device=trial_device())  # where run_trial trains it
     echo(f"training {cfg.summary()} for {steps} steps ({built.trainable_params:,} trainable parameters)")
 
     def progress(m: dict) -> None:

@@ -17,6 +17,7 @@ from space.methods import (
     PromptConfig,
     ZeroDecayConfig,
 )
+from tests.trials.test_methods import on_transformers_path
 from trials.methods import REGISTRY, MethodError, ModelDims, apply_methods, merge_methods
 from trials.model import use_scan
 
@@ -239,7 +240,7 @@ def test_additional_scan_copies_the_last_a_column(tiny_lm):
     {"state_offset": ZeroDecayConfig()},
 ], ids=["affix", "initial_state", "state_offset"])
 def test_state_hooks_run_in_an_eval_forward_but_refuse_to_decode_from_a_cache(tiny_lm, tiny_ids, methods):
-    if not hasattr(tiny_lm.backbone.layers[0].mixer, "scan_impl"):
+    if on_transformers_path(tiny_lm):
         pytest.skip("refused on transformers' paths (test_methods)")
     lm = _perturbed(tiny_lm, methods)
     with torch.no_grad():
@@ -250,7 +251,7 @@ def test_state_hooks_run_in_an_eval_forward_but_refuse_to_decode_from_a_cache(ti
 
 
 def test_affix_tokens_learn_only_the_x_half(tiny_lm, tiny_ids):
-    if not hasattr(tiny_lm.backbone.layers[0].mixer, "scan_impl"):
+    if on_transformers_path(tiny_lm):
         pytest.skip("refused on transformers' paths (test_methods)")
     applied = apply_methods(tiny_lm, {"affix_tuning": AffixConfig(tokens=3)})
     assert [tuple(p.shape) for p in applied.params["affix_tuning"]] == [(3, 64), (3, 64)]  # [n, E] per layer
@@ -258,7 +259,7 @@ def test_affix_tokens_learn_only_the_x_half(tiny_lm, tiny_ids):
 
 def test_initial_state_is_the_scan_start(tiny_lm, tiny_ids):
     """A learned h0 equals the torch reference scan started from h0."""
-    if not hasattr(tiny_lm.backbone.layers[0].mixer, "scan_impl"):
+    if on_transformers_path(tiny_lm):
         pytest.skip("refused on transformers' paths (test_methods)")
     applied = apply_methods(tiny_lm, {"initial_state": InitialStateConfig()})
     with torch.no_grad():

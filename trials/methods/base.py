@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,14 @@ class Method(Protocol):
 
 class MethodError(ValueError):
     """A method cannot be applied to this model; the message names the method and module."""
+
+
+def stored(module: nn.Module, name: str) -> Any:
+    """The tensor stored under any parametrisations of ``module.<name>`` (a tied weight is one stored tensor read
+    by two modules; additional-scan's enlarged A_log keeps the pretrained [E, N] one)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original  # type: ignore[union-attr,index]
+    return getattr(module, name)
 
 
 def mixers(lm: nn.Module) -> list[Any]:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import LoraConfig
-from trials.methods.base import MethodError, ModelDims, mixers
+from trials.methods.base import MethodError, ModelDims, mixers, stored
 
 Rows = Callable[[ModelDims], tuple[int, int]]  # the targeted output rows [start, stop) from the model sizes
 
@@ -159,7 +159,7 @@ class EmbeddingLora:
         check_dropout(self.name, "embeddings", cfg)
         embeddings = lm.get_submodule("backbone.embeddings")
         head = getattr(lm, "lm_head", None)
-        tied = head is not None and _original(head, "weight") is _original(embeddings, "weight")
+        tied = head is not None and stored(head, "weight") is stored(embeddings, "weight")
         delta = add_lora(embeddings, cfg, where=f"{self.name}: backbone.embeddings")
         with torch.no_grad():
             delta.lora_B.normal_()
@@ -168,13 +168,6 @@ class EmbeddingLora:
             assert head is not None
             parametrize.register_parametrization(head, "weight", delta)
         return lora_params(delta)
-
-
-def _original(module: nn.Module, name: str) -> torch.Tensor:
-    """The stored tensor under any parametrisations (a tied weight is one stored tensor read by two modules)."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original  # type: ignore[union-attr,index]
-    return getattr(module, name)
 
 
 class LoraPreset:

@@ -82,15 +82,14 @@ def warmup_selection(cfg: TrialConfig, data: TaskData | None = None) -> SdtConfi
     selection filled in. The warm-up is a trial of its own: ``a_log_delta`` alone, same model, task, training
     settings and seed, for ``warmup_steps``. The global RNG state is restored afterwards, so the trial that
     follows is the same as one given this selection outright."""
-    from trials.run import build_trial, run_trial  # trials.run imports this package
+    from trials.run import build_trial, run_trial, trial_device  # trials.run imports this package
 
     sdt = cfg.methods["sdt"]
     if not isinstance(sdt, SdtConfig):
         raise MethodError(f"sdt: expected an SdtConfig, got {type(sdt).__name__}")
     warm = cfg.model_copy(update={"methods": {"a_log_delta": DeltaConfig()}})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where run_trial trains
     with torch.random.fork_rng():
-        built = build_trial(warm, data, device)
+        built = build_trial(warm, data, trial_device())
         run_trial(warm, steps=sdt.warmup_steps, built=built)
     deltas = [p.detach().cpu() for p in built.applied.params["a_log_delta"]]
     return sdt.model_copy(update={"selection": tuple(select_dimensions(deltas, sdt))})

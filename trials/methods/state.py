@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import AdditionalScanConfig, AffixConfig, InitialStateConfig, ZeroDecayConfig
-from trials.methods.base import Method, MethodError, ModelDims, mixers
+from trials.methods.base import Method, MethodError, ModelDims, mixers, stored
 
 
 def project_mixers(lm: nn.Module, method: str) -> list[Any]:
@@ -44,14 +44,6 @@ def project_mixers(lm: nn.Module, method: str) -> list[Any]:
                               f"transformers' {type(m).__name__}: use model.scan auto, compiled or torch "
                               "(trials.model.use_scan), not mambapy or hf_loop")
     return found
-
-
-def base_state_size(mixer: nn.Module) -> int:
-    """N of the pretrained model, also after additional-scan has enlarged A_log (the state hooks cover the first
-    N states; the mixer zero-pads them to the enlarged size)."""
-    if parametrize.is_parametrized(mixer, "A_log"):
-        return int(mixer.parametrizations.A_log.original.shape[1])  # type: ignore[union-attr,index]
-    return int(mixer.A_log.shape[1])  # type: ignore[union-attr,index]
 
 
 class AffixEncoder(nn.Module):
@@ -108,6 +100,13 @@ class AffixTuning:
         return params
 
 
+def zero_state(mixer: Any) -> nn.Parameter:
+    """A zero [E, N] tensor on the mixer's device, N the pretrained state size (the mixer zero-pads it when
+    additional-scan has enlarged the state)."""
+    shape = (mixer.intermediate_size, stored(mixer, "A_log").shape[1])
+    return nn.Parameter(torch.zeros(shape, device=mixer.A_log.device))  # [E, N]
+
+
 class InitialState:
     name = "initial_state"
     mergeable = False
@@ -119,11 +118,11 @@ class InitialState:
     def apply(self, lm: nn.Module, cfg: InitialStateConfig) -> list[nn.Parameter]:
         params = []
         for mixer in project_mixers(lm, self.name):
-            device, e, k = mixer.A_log.device, mixer.intermediate_size, mixer.conv_kernel_size
-            mixer.initial_state = nn.Parameter(torch.zeros(e, base_state_size(mixer), device=device))  # [E, N]
+            mixer.initial_state = zero_state(mixer)  # [E, N]
             params.append(mixer.initial_state)
             if cfg.conv_state:
-                mixer.conv_state = nn.Parameter(torch.zeros(k - 1, e, device=device))  # [K-1, E]
+                e, k = mixer.intermediate_size, mixer.conv_kernel_size
+                mixer.conv_state = nn.Parameter(torch.zeros(k - 1, e, device=mixer.A_log.device))  # [K-1, E]
                 params.append(mixer.conv_state)
         return params
 
@@ -139,8 +138,7 @@ class StateOffset:
     def apply(self, lm: nn.Module, cfg: ZeroDecayConfig) -> list[nn.Parameter]:
         params = []
         for mixer in project_mixers(lm, self.name):
-            shape = (mixer.intermediate_size, base_state_size(mixer))
-            mixer.state_offset = nn.Parameter(torch.zeros(shape, device=mixer.A_log.device))  # [E, N]
+            mixer.state_offset = zero_state(mixer)  # [E, N]
             params.append(mixer.state_offset)
         return params
 
