@@ -24,15 +24,17 @@ WORKDIR /app
 # torch first and pinned: an unpinned or ranged torch pulls a newer multi-GB CUDA build.
 RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple torch==2.13.0
 
-# Dependencies in their own layer, read from pyproject.toml, so a code change does not reinstall them.
-COPY pyproject.toml constraints.txt ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -c constraints.txt -r /tmp/requirements.txt \
+# Every other dependency at the exact version of requirements.lock (what CI last tested), in its own layer so a
+# code change does not reinstall them. The lock's torch line names the CPU wheel; torch is already installed
+# above from TORCH_INDEX_URL, so it is left out here.
+COPY requirements.lock ./
+RUN grep -v '^torch==' requirements.lock > /tmp/requirements.txt \
+    && pip install --no-deps -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 COPY . .
-RUN pip install -c constraints.txt . \
+RUN pip install --no-deps . \
+    && pip check \
     && rm -rf build ./*.egg-info \
     && mkdir -p /app/runs /mlartifacts \
     && chown app:app /app/runs /mlartifacts

@@ -153,13 +153,14 @@ def dockerfile_runs() -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("RUN ")]
 
 
-def test_dockerfile_installs_pinned_torch_before_the_project():
+def test_dockerfile_installs_pinned_torch_then_the_lock_then_the_project():
     runs = dockerfile_runs()
     torch_at = next(i for i, run in enumerate(runs) if "torch==2.13.0" in run)
-    install_project = re.compile(r"pip install -c constraints\.txt \.(\s|$)")
-    project_at = next(i for i, run in enumerate(runs) if install_project.search(run))
-    assert torch_at < project_at
+    lock_at = next(i for i, run in enumerate(runs) if "requirements.lock" in run)
+    project_at = next(i for i, run in enumerate(runs) if re.search(r"pip install --no-deps \.(\s|$)", run))
+    assert torch_at < lock_at < project_at
     assert "--index-url" in runs[torch_at] and "TORCH_INDEX_URL" in runs[torch_at]
+    assert "--no-deps" in runs[lock_at] and "pip check" in runs[project_at]
     assert "torch==2.13.0" in (REPO / "constraints.txt").read_text().split()
 
 

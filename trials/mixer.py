@@ -25,6 +25,7 @@ fused kernel does not take.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -32,6 +33,11 @@ import torch.nn.functional as F
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from trials.scan import Impl, causal_conv, selective_scan_tokens
+
+# transformers 5.24 renamed the mixer's generation-cache argument from ``cache_params`` to ``cache`` (the old name
+# is deprecated until 5.40). The mixer accepts both and hands the cache on under the installed version's name.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(MambaMixer.forward).parameters else "cache_params"
+CACHE_KWARGS = ("cache", "cache_params")
 
 HOOKS = ("initial_state", "conv_state", "affix_tokens", "state_offset", "parallel_adapter")  # set by methods
 STATE_HOOKS = HOOKS[:4]  # what transformers' cached generation path would silently skip
@@ -49,17 +55,19 @@ def _cuda_kernels() -> Any:
 class FastMambaMixer(MambaMixer):
     scan_impl: Impl = "auto"
 
-    def forward(self, hidden_states: torch.Tensor, cache_params: Any = None,
-                attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        if cache_params is not None:
+    def forward(self, hidden_states: torch.Tensor, cache: Any = None,
+                attention_mask: torch.Tensor | None = None, *, cache_params: Any = None,
+                **kwargs: Any) -> torch.Tensor:
+        cache = cache if cache is not None else cache_params
+        if cache is not None:
             active = [h for h in STATE_HOOKS if getattr(self, h, None) is not None]
             if not active:
-                return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                return super().forward(hidden_states, attention_mask=attention_mask, **{CACHE_KWARG: cache},
                                        **kwargs)
             # transformers' cached path would skip these hooks. A first call (an eval forward, or a prefill)
             # runs the project's scan and leaves the cache empty; a second call would decode from that empty
             # state, so it raises.
-            seen = cache_params.__dict__.setdefault("_peft_uncached_layers", set())
+            seen = cache.__dict__.setdefault("_peft_uncached_layers", set())
             if self.layer_idx in seen:
                 raise RuntimeError(f"{', '.join(active)} cannot decode from a generation cache (transformers' "
                                    "cached path does not apply it): generate with use_cache=False")

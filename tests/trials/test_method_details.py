@@ -7,7 +7,6 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from space.methods import (
-    AdapterConfig,
     AdditionalScanConfig,
     AffixConfig,
     DeltaConfig,
@@ -74,8 +73,8 @@ def test_embedding_lora_moves_the_tied_lm_head_with_it(tiny_lm):
         for p in applied.params["lora_embeddings"]:
             p.add_(0.1)
     original = tiny_lm.backbone.embeddings.parametrizations.weight.original
-    assert not torch.equal(tiny_lm.backbone.embeddings.weight, original)
-    assert torch.equal(tiny_lm.lm_head.weight, tiny_lm.backbone.embeddings.weight)
+    assert not torch.allclose(tiny_lm.backbone.embeddings.weight, original, atol=1e-4)
+    assert torch.allclose(tiny_lm.lm_head.weight, tiny_lm.backbone.embeddings.weight, rtol=1e-6, atol=1e-7)
     merge_methods(tiny_lm)
     assert tiny_lm.lm_head.weight is tiny_lm.backbone.embeddings.weight
 
@@ -93,7 +92,7 @@ def test_lora_dropout_drops_the_adapter_input_in_training_only(tiny_lm, tiny_ids
         for p in applied.params["lora_in_proj"]:
             p.add_(0.2)
         evaluated = forward(tiny_lm.eval(), tiny_ids)
-        assert torch.equal(forward(tiny_lm, tiny_ids), evaluated)  # no dropout in eval
+        assert torch.allclose(forward(tiny_lm, tiny_ids), evaluated, rtol=1e-5, atol=1e-6)  # no dropout in eval
         tiny_lm.train()
         torch.manual_seed(1)
         first = forward(tiny_lm, tiny_ids)
@@ -200,31 +199,26 @@ def _greedy(lm, ids, steps, use_cache):
     return lm.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=0)
 
 
-@pytest.mark.parametrize("methods", [
-    {"additional_scan": AdditionalScanConfig(states=2)},
-    {"prompt_tuning": PromptConfig(tokens=2, position="prefix_suffix")},
-    {"additional_scan": AdditionalScanConfig(states=2), "lora_x_proj": LoraConfig(rank=2),
-     "parallel_adapter": AdapterConfig(rank=2)},
-], ids=["additional_scan", "prompt", "additional_scan+lora+adapter"])
-def test_cached_generation_equals_uncached_generation(tiny_lm, tiny_ids, methods):
-    lm = _perturbed(tiny_lm, methods)
-    with torch.no_grad():
-        cached = _greedy(lm, tiny_ids, 4, use_cache=True)
-        uncached = _greedy(lm, tiny_ids, 4, use_cache=False)
-    assert torch.equal(cached, uncached)
+def _greedy_logits(lm, ids, steps, use_cache):
+    """The logits of each greedy step, [steps, B, V] (cached decoding is compared on these in
+    test_generation_cache.py)."""
+    out = lm.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=0,
+                      output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits)
 
 
 def test_merged_additional_scan_model_has_the_enlarged_state_and_generates(tiny_lm, tiny_ids, tmp_path):
     lm = _perturbed(tiny_lm, {"additional_scan": AdditionalScanConfig(states=3)})
     with torch.no_grad():
-        want = _greedy(lm, tiny_ids, 3, use_cache=False)
+        want = _greedy_logits(lm, tiny_ids, 3, use_cache=False)
     merge_methods(lm)
     lm.save_pretrained(tmp_path)
     plain = MambaForCausalLM.from_pretrained(tmp_path).eval()
     assert plain.config.state_size == 7
     assert plain.backbone.layers[0].mixer.A_log.shape == (64, 7)
     with torch.no_grad():
-        assert torch.equal(_greedy(plain, tiny_ids, 3, use_cache=True), want)
+        got = _greedy_logits(plain, tiny_ids, 3, use_cache=True)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_additional_scan_copies_the_last_a_column(tiny_lm):

@@ -292,4 +292,4 @@ def test_merging_a_non_mergeable_method_is_refused_and_changes_nothing(tiny_lm, 
     with pytest.raises(MethodError, match="parallel_adapter is not a weight delta"):
         merge_methods(tiny_lm)
     with torch.no_grad():
-        assert torch.equal(tiny_lm(tiny_ids).logits, before)
+        assert torch.allclose(tiny_lm(tiny_ids).logits, before, rtol=1e-5, atol=1e-6)

@@ -186,8 +186,10 @@ def test_affix_tokens_are_prepended_before_the_convolution_and_dropped_after(imp
 def test_generation_with_a_cache_still_works(impl):
     ref, fast = twin_models(tiny_config(), impl)
     ids = torch.randint(0, 40, (1, 5))
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(fast.generate(ids, **kw), ref.generate(ids, **kw))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        got, want = fast.generate(ids, **kw), ref.generate(ids, **kw)
+    assert rel(torch.stack(got.logits), torch.stack(want.logits)) < 1e-4
 
 
 def test_installing_on_a_model_without_mamba_mixers_is_an_error():

@@ -11,7 +11,8 @@ projection. Not mergeable.
 
 It runs as forward hooks of ``backbone`` (transformers' ``MambaModel``), so ``lm(input_ids)``, ``generate`` and
 any execution path see it. An ``attention_mask`` marks the real tokens (left or right padding); the re-laid-out
-sequence is right-padded. During cached generation the prompt goes in once, at the prefill call.
+sequence is right-padded. During cached generation a prefix goes in once, at the prefill call; a suffix cannot be
+cached (it must follow the newest token at every step), so a decoding step with one raises.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from space.methods import PromptConfig
 from trials.methods.base import ModelDims, mixers
+from trials.mixer import CACHE_KWARGS
 
 ATTRIBUTE = "prompt_tuning"  # the backbone attribute holding the prompt module (merge refuses it)
 
@@ -86,7 +88,12 @@ def _install_hooks(backbone: nn.Module, prompt: PromptTokens) -> None:
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         bound = dict(zip(names, args, strict=False)) | kwargs
-        if _decoding(bound.get("cache_params")):
+        if _decoding(next((bound[k] for k in CACHE_KWARGS if bound.get(k) is not None), None)):
+            if prompt.suffix:
+                # Uncached, the suffix follows the newest token at every step; a cache holds it where the prefill
+                # put it, before the generated tokens: a different model, so refuse rather than generate from it.
+                raise RuntimeError("prompt_tuning with a suffix cannot decode from a generation cache (the suffix "
+                                   "must follow the newest token): generate with use_cache=False")
             prompt._layout = None
             return args, kwargs
         embeds = bound.get("inputs_embeds")
