@@ -30,9 +30,12 @@ from space.metrics import METRICS, direction, label
 
 STATUS_STYLE = {  # status: (colour, marker symbol), in the order legends and counts list them
     results.STATUS_FINISHED: ("#1f77b4", "circle"),
-    results.STATUS_STOPPED: ("#ff7f0e", "diamond"),
+    results.STATUS_PRUNED: ("#ff7f0e", "diamond"),
     results.STATUS_FAILED: ("#d62728", "x"),
     results.STATUS_RUNNING: ("#7f7f7f", "circle-open"),
+    results.STATUS_INTERRUPTED: ("#8c564b", "x-open"),
+    results.STATUS_DUPLICATE: ("#17becf", "circle-dot"),
+    results.STATUS_REJECTED: ("#bcbd22", "square-open"),
 }
 FALLBACK_AXES = ("trainable_params", "val_accuracy")  # (x, y) when the objectives do not make a 2-D front
 TABLE_FORMATS = {  # metric shown in the trial table (where any trial logged it): its number format
@@ -80,7 +83,7 @@ def pareto_front(df: pd.DataFrame, objectives: Sequence[str]) -> tuple[pd.DataFr
         return none, f"the search lists objectives unknown to space.metrics: {', '.join(unknown)}"
     finished = df[df.status == results.STATUS_FINISHED]
     if finished.empty:
-        return none, ("no finished trials yet, so there is no Pareto front (stopped and failed trials never "
+        return none, ("no finished trials yet, so there is no Pareto front (pruned and failed trials never "
                       "qualify: their metrics are not those of a full trial)")
     missing = [m for m in objectives if m not in finished or finished[m].isna().all()]
     if missing:
@@ -98,7 +101,7 @@ def _finite(v: Any) -> bool:
 
 
 def plottable(df: pd.DataFrame, x: str, y: str) -> pd.Series:
-    """Rows with a value on both axes: a running, failed or early-stopped trial may lack either."""
+    """Rows with a value on both axes: a running, failed or pruned trial may lack either."""
     if x not in df or y not in df:
         return pd.Series(False, index=df.index)
     return df[x].map(_finite) & df[y].map(_finite)

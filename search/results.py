@@ -1,9 +1,11 @@
 """Read a search's trials back from MLflow; used by the end-of-search table, the dashboard and export.
 
-MLflow layout written by ``search.tracking``: one parent run per search (tag ``mps.kind=search``), one child
-run per trial (``mps.kind=trial``, ``mlflow.parentRunId`` set to the search's run), the trial's status in the
-tag ``mps.status`` (``running``, ``finished``, ``stopped`` by early stopping, ``failed``), its sampled
-hyperparameters as params, metrics with their curves, and ``trial_config.yaml`` as an artifact.
+MLflow layout written by ``search.tracking``: one parent run per search (tag ``mps.kind=search``, the
+``hypervolume`` curve), one child run per trial (``mps.kind=trial``, ``mlflow.parentRunId`` set to the search's
+run), the trial's state in the tag ``mps.status`` (one of ``space.metrics.TRIAL_STATES``), its phase in
+``mps.phase`` (``search``, ``stage1``, ``stage2``, ``reevaluate``), its sampled hyperparameters as params,
+metrics with their curves, and ``trial_config.yaml`` as an artifact. A re-evaluation run names the trial whose
+configuration it repeats in ``mps.reevaluates``.
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ from typing import Any
 import pandas as pd
 
 from search.pareto import pareto_indices
-from space.metrics import direction
+from space.metrics import TRIAL_STATES, direction, quality_metric
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "mamba-peft-search"
 CONFIG_ARTIFACT = "trial_config.yaml"
 
-STATUS_FINISHED = "finished"
-STATUS_STOPPED = "stopped"
-STATUS_FAILED = "failed"
-STATUS_RUNNING = "running"
+STATUS_RUNNING, STATUS_FINISHED, STATUS_PRUNED, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_DUPLICATE, \
+    STATUS_REJECTED = TRIAL_STATES
+REEVALUATE = "reevaluate"
 
 
 class ResultsError(LookupError):
@@ -89,6 +90,8 @@ def trials(c, experiment: str, search_run_id: str) -> pd.DataFrame:
     for r in runs:
         row: dict[str, Any] = {"run_id": r.info.run_id, "trial": r.info.run_name,
                                "status": r.data.tags.get("mps.status", STATUS_RUNNING),
+                               "phase": r.data.tags.get("mps.phase", "search"),
+                               "reevaluates": r.data.tags.get("mps.reevaluates", ""),
                                "methods": r.data.tags.get("mps.summary", "")}
         row.update(r.data.metrics)
         row.update({f"param.{k}": v for k, v in r.data.params.items()})
@@ -100,15 +103,57 @@ def trials(c, experiment: str, search_run_id: str) -> pd.DataFrame:
 
 
 def pareto(df: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
-    """Finished trials on the Pareto front of ``objectives``, best first (see ``ranking_metric``). Stopped and
-    failed trials never qualify: their metrics are not those of a full trial."""
+    """Finished trials on the Pareto front of ``objectives``, best first (see ``ranking_metric``). Only trials that
+    trained the full budget qualify: pruned, failed and interrupted trials never do, duplicates repeat a trial
+    that is already there, and re-evaluation runs are seeds of a front trial (``reevaluated``)."""
     if df.empty or "status" not in df or any(m not in df for m in objectives):
         return df.iloc[0:0]
-    done = df[df.status == STATUS_FINISHED].reset_index(drop=True)
+    done = df[(df.status == STATUS_FINISHED) & (df.get("phase", "search") != REEVALUATE)].reset_index(drop=True)
     idx = pareto_indices(done.to_dict("records"), objectives)
     front = done.iloc[idx]
     key = ranking_metric(objectives)
     return front.sort_values(key, ascending=direction(key) == "min", kind="stable").reset_index(drop=True)
+
+
+def reevaluated(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
+    """The front with the spread of its re-evaluated configurations.
+
+    For each front trial: ``seeds`` (its own run plus its finished re-evaluation runs), the mean and standard
+    deviation of the quality objective over them, and the mean test accuracy. ``noise`` names the front trial no
+    larger than this one whose mean it does not beat by more than two standard errors of the difference: the
+    advantage that makes this configuration worth its extra parameters is within the noise. Trials that were not
+    re-evaluated get one seed and no spread.
+    """
+    if front.empty:
+        return front
+    quality = quality_metric(objectives)
+    sign = 1.0 if direction(quality) == "max" else -1.0
+    out = front.copy()
+    seeds, means, stds, tests = [], [], [], []
+    for _, row in front.iterrows():
+        runs = df[(df.get("reevaluates", "") == row["trial"]) & (df.status == STATUS_FINISHED)]
+        values = [float(row[quality]), *runs[quality].astype(float)]
+        test = [float(row.get("test_accuracy", float("nan"))), *runs.get("test_accuracy", pd.Series(dtype=float))]
+        seeds.append(len(values))
+        means.append(float(pd.Series(values).mean()))
+        stds.append(float(pd.Series(values).std(ddof=1)) if len(values) > 1 else float("nan"))
+        tests.append(float(pd.Series(test, dtype=float).mean()))
+    out["seeds"], out[f"{quality}_mean"], out[f"{quality}_std"], out["test_accuracy_mean"] = seeds, means, stds, tests
+    size = next((m for m in objectives if m in out and m != quality), None)
+    noise: list[str] = []
+    for i, row in out.iterrows():
+        note = ""
+        if row["seeds"] > 1 and size is not None:
+            smaller = out[(out[size] <= row[size]) & (out.index != i) & (out["seeds"] > 1)]
+            for _, other in smaller.iterrows():
+                gap = sign * (row[f"{quality}_mean"] - other[f"{quality}_mean"])
+                se = (row[f"{quality}_std"] ** 2 / row["seeds"] + other[f"{quality}_std"] ** 2 / other["seeds"]) ** 0.5
+                if gap <= 2 * se:
+                    note = f"within noise of {other['trial']}"
+                    break
+        noise.append(note)
+    out["noise"] = noise
+    return out
 
 
 def ranking_metric(objectives: list[str]) -> str:

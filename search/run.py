@@ -1,69 +1,87 @@
-"""Search PEFT combinations: ``python -m search.run space.yaml [--address ADDR] [--num-trials N]``.
+"""Search PEFT combinations: ``python -m search.run space.yaml [--dry-run] [--address ADDR] [--num-trials N]``.
 
-Ray Tune runs the trials (local Ray, or an existing cluster with ``--address``); Optuna's sampler proposes
-each combination (multi-objective: the objectives of space.yaml); an ASHA scheduler stops trials whose
-validation accuracy lags; every trial is an MLflow run under one parent run per search. Ends by printing the
-Pareto front of the finished trials.
+Ray Tune runs the trials (local Ray, or an existing cluster with ``--address``); Optuna proposes each combination
+(multi-objective: the objectives of space.yaml) and its pruner stops trials at the budget's rungs; every trial
+is an MLflow run under one parent run per search. ``search.searcher`` has the phases (one stage or two, then the
+re-evaluation of the front). Ends by printing the counts of every trial state, the steps pruning saved, the
+hypervolume, and the Pareto front of the trials that trained the full budget, with the spread of the
+re-evaluated ones.
 
-Exit codes: 0 done, 2 invalid space.yaml or arguments (nothing started), 1 the search failed.
+``--dry-run`` validates the space, opens the checkpoint's config and the task, and prints the searched
+dimensions, the closed-form size range of the configurations and an estimated cost, without starting Ray.
+
+Exit codes: 0 done, 2 invalid space.yaml, arguments, checkpoint or data (nothing started), 1 the search failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from space.config import SearchSpace, SpaceError, load_space, replay_trial
+from pydantic import ValidationError
+
+from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space
+from space.metrics import size_metric
 
 EXIT_BAD_INPUT = 2
+TABLE_WIDTH = 120
 
 
-def trainable(params: dict[str, Any], space_json: str) -> None:
-    """One Ray Tune trial: rebuild the config from the sampled params and run it, reporting to Tune."""
+def trainable(config: dict[str, Any]) -> None:
+    """One Ray Tune trial: the validated TrialConfig the searcher built, trained with reports to Tune."""
     from ray import tune
 
     from trials.run import run_trial
 
-    space = SearchSpace.model_validate_json(space_json)
-    run_trial(replay_trial(space, params), report=tune.report)
-
-
-def make_scheduler(space: SearchSpace):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    es = space.search.early_stopping
-    rungs = math.ceil(space.training.steps / space.training.eval_every)
-    if not es.enabled or rungs <= es.grace_period:
-        return FIFOScheduler()
-    # ASHA takes one metric: the accuracy objective. Each report (one validation round) is one time unit.
-    return ASHAScheduler(time_attr="training_iteration", metric="val_accuracy", mode="max", max_t=rungs,
-                         grace_period=es.grace_period, reduction_factor=es.reduction_factor)
+    run_trial(TrialConfig.model_validate_json(config["trial"]), report=tune.report)
 
 
 def tracking_uri(space: SearchSpace, results_dir: Path) -> str:
     return space.tracking.uri or f"sqlite:///{results_dir / 'mlflow.db'}"
 
 
-def format_front(front, objectives: list[str]) -> str:
+def abbreviate(summary: str) -> str:
+    """``lora_in_proj(r=4) + a_log_delta`` -> ``L-in(r=4)+a_logΔ``: the full config is in MLflow."""
+    return (summary.replace(" + ", "+").replace("lora_", "L-").replace("_proj", "").replace("_delta", "Δ")
+            .replace("prompt_tuning", "prompt").replace("affix_tuning", "affix").replace("parallel_adapter", "adapter")
+            .replace("additional_scan", "add-scan"))
+
+
+def format_front(front, objectives: list[str], width: int = TABLE_WIDTH) -> str:
+    """The front as a table that fits ``width`` columns whatever the number of methods (abbreviated, then cut)."""
+    import pandas as pd
+
+    from space.metrics import quality_metric
+
     if front.empty:
-        return "(no finished trials)"
-    cols = ["trial", "methods", *objectives]
-    cols += [c for c in ("test_accuracy", "train_seconds") if c in front and c not in cols]
-    table = front[cols].copy()
-    for c in ("val_accuracy", "test_accuracy"):
-        if c in table:
-            table[c] = table[c].map(lambda v: f"{v:.3f}")
-    for c in ("trainable_params",):
-        if c in table:
-            table[c] = table[c].map(lambda v: f"{int(v):,}")
-    if "train_seconds" in table:
-        table["train_seconds"] = table["train_seconds"].map(lambda v: f"{v:.1f}")
+        return "(no trial trained the full budget)"
+    quality = quality_metric(objectives)
+    table = pd.DataFrame({"trial": front["trial"]})
+    mean = f"{quality}_mean"
+    if mean in front and (front["seeds"] > 1).any():
+        table[quality] = [f"{m:.3f}±{sd:.3f}" if n > 1 else f"{v:.3f}" for m, sd, n, v in zip(
+            front[mean], front[f"{quality}_std"], front["seeds"], front[quality], strict=True)]
+        table["seeds"] = front["seeds"]
+    else:
+        table[quality] = front[quality].map(lambda v: f"{v:.3f}")
+    for m in objectives:
+        if m != quality and m in front:
+            integer = m == "trainable_params"
+            table[m] = front[m].map(lambda v, integer=integer: f"{int(v):,}" if integer else f"{v:.3g}")
+    test = "test_accuracy_mean" if "test_accuracy_mean" in front else "test_accuracy"
+    if test in front:
+        table["test_acc"] = front[test].map(lambda v: f"{v:.3f}")
+    if "noise" in front and front["noise"].astype(bool).any():
+        table["note"] = front["noise"]
+    others = len(table.to_string(index=False).splitlines()[0])
+    room = max(12, width - others - 2)
+    table.insert(1, "methods", [s if len(s) <= room else s[: room - 1] + "…"
+                                for s in front["methods"].map(abbreviate)])
     return table.to_string(index=False)
 
 
@@ -71,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", type=Path, help="the search space (space.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="validate, print dimensions, sizes and cost; start nothing")
     p.add_argument("--address", help="an existing Ray cluster to join ('auto' or ray://host:port); "
                                       "overrides search.address")
     p.add_argument("--num-trials", type=int, help="override search.num_trials")
@@ -82,25 +101,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def with_overrides(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
+    """The space with the command line's overrides, validated like the file (an error names the option)."""
+    search: dict[str, Any] = {}
+    for option, key in (("num_trials", "num_trials"), ("address", "address"), ("optuna_storage", "optuna_storage"),
+                        ("results_dir", "results_dir")):
+        value = getattr(args, option)
+        if value is not None:
+            search[key] = str(value) if option == "results_dir" else value
+    data = space.model_dump()
+    data["search"] = {**data["search"], **search}
+    if args.tracking_uri:
+        data["tracking"] = {**data["tracking"], "uri": args.tracking_uri}
+    try:
+        return SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][-1]) if err["loc"] else "?"
+        raise SpaceError(f"--{key.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')} "
+                         f"(got {err.get('input')!r})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        space = load_space(args.space)
-        overrides: dict[str, Any] = {}
-        if args.num_trials is not None:
-            if args.num_trials < 1:
-                raise SpaceError(f"--num-trials: {args.num_trials} is below 1")
-            overrides["num_trials"] = args.num_trials
-        if args.address:
-            overrides["address"] = args.address
-        if args.optuna_storage:
-            overrides["optuna_storage"] = args.optuna_storage
-        if args.results_dir:
-            overrides["results_dir"] = str(args.results_dir)
-        if overrides:
-            space = space.model_copy(update={"search": space.search.model_copy(update=overrides)})
-        if args.tracking_uri:
-            space = space.model_copy(update={"tracking": space.tracking.model_copy(update={"uri": args.tracking_uri})})
+        space = with_overrides(load_space(args.space), args)
     except SpaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -110,21 +135,82 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = int(time.monotonic() - t0)
         print(f"{elapsed // 60:02d}:{elapsed % 60:02d} {line}" if line else "", flush=True)
 
+    if not dimensions(space):
+        if space.search.num_trials > 1:
+            echo(f"nothing is searched in {args.space}: its one configuration is trained once, not "
+                 f"{space.search.num_trials} times")
+        data = space.model_dump()
+        data["search"] = {**data["search"], "num_trials": 1, "strategy": "one_stage", "stage1_trials": None}
+        space = SearchSpace.model_validate(data)
+    if args.dry_run:
+        return dry_run(space, print)
     return search(space, args.space.read_text(), echo=(lambda *a: None) if args.quiet else echo)
+
+
+def trainable_limit(space: SearchSpace, base_params: int) -> int | None:
+    limit = space.search.max_trainable
+    if isinstance(limit, str):
+        return int(base_params * float(limit.rstrip("%")) / 100)
+    return limit
+
+
+def dry_run(space: SearchSpace, echo=print, samples: int = 256) -> int:
+    """Validate, open the checkpoint's config and the task, print dimensions, sizes and cost; no Ray."""
+    import optuna
+
+    from space.config import sample_trial
+    from trials.probe import Probe
+
+    try:
+        probe = Probe(space.model, space.task)
+    except (OSError, ValueError) as exc:
+        echo(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    dims = dimensions(space)
+    echo(f"space {space.name!r} is valid: model {space.model.checkpoint} ({probe.base_params:,} parameters), "
+         f"task {space.task.name} ({probe.num_classes} classes)")
+    echo(f"budget: rungs {space.training.budget.steps()} steps; pruner {space.search.pruner.name}; "
+         f"sampler {space.search.sampler}; strategy {space.search.strategy}")
+    echo(f"{len(dims)} searched dimension(s) (the names search.enqueue takes):")
+    for name, value in dims.items():
+        echo(f"  {name}: {value.model_dump()}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=space.search.seed))
+    configs = [sample_trial(space, study.ask()) for _ in range(samples if dims else 1)]
+    sizes = sorted(probe.trainable(c) for c in configs)
+    pct = 100.0 / probe.base_params
+    echo(f"trainable parameters (closed form, head included, over {len(configs)} sampled configurations): "
+         f"{sizes[0]:,} ({sizes[0] * pct:.2f}%) to {sizes[-1]:,} ({sizes[-1] * pct:.2f}%) of the base model")
+    limit = trainable_limit(space, probe.base_params)
+    if limit is not None:
+        over = sum(s > limit for s in sizes)
+        echo(f"search.max_trainable {limit:,}: {over} of {len(sizes)} sampled configurations would be rejected")
+    middle = configs[len(configs) // 2]
+    step = probe.step_seconds(middle)
+    s = space.search
+    runs = s.num_trials + s.reevaluate.top * s.reevaluate.seeds
+    hours = runs * space.training.budget.max_steps * step / max(1, s.concurrency) / 3600
+    echo(f"a training step takes {step * 1000:.0f} ms here ({middle.summary()}); {s.num_trials} trials + "
+         f"{s.reevaluate.top * s.reevaluate.seeds} re-evaluations at {space.training.budget.max_steps} steps, "
+         f"{s.concurrency} at a time: at most {hours * 60:.1f} min of training (pruning stops many trials early)")
+    return 0
 
 
 def search(space: SearchSpace, space_text: str, echo=print) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    import optuna
     import ray
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.exceptions import RayTaskError
 
     from search import results
-    from search.searcher import make_searcher
+    from search.hypervolume import size_reference
+    from search.searcher import PeftSearcher, RungScheduler
     from search.tracking import MlflowTrialCallback, SearchRun
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     results_dir = Path(space.search.results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -132,46 +218,103 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
     uri = tracking_uri(space, results_dir)
     study_name = space.search.study_name or run_name
     storage_url = space.search.optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
-    objectives = [o.metric for o in space.objectives]
-
-    parent = SearchRun(uri, space.tracking.experiment, results_dir / "mlartifacts", run_name, space, space_text)
-    callback = MlflowTrialCallback(parent, space, space.search.num_trials, echo=echo)
-    echo(f"search {run_name}: {space.search.num_trials} trials, {space.search.concurrency} at a time, "
-         f"objectives {objectives}")
-    echo(f"MLflow: {uri} (experiment {space.tracking.experiment!r}, run {parent.run_id}); "
-         f"Optuna study {study_name!r} in {storage_url}")
+    objectives = space.objective_names
 
     ray.init(address=space.search.address, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+
+    @ray.remote(num_cpus=0)
+    class ProbeActor:
+        """The closed-form sizes, in a worker process: the driver imports no torch."""
+
+        def __init__(self, model: Any, task: Any) -> None:
+            from trials.probe import Probe
+
+            self.probe = Probe(model, task)
+
+        def trainable(self, cfg: TrialConfig) -> int:
+            return self.probe.trainable(cfg)
+
+        def info(self) -> dict[str, int]:
+            return self.probe.info()
+
+    class Sizes:
+        def __init__(self, actor: Any) -> None:
+            self.actor = actor
+
+        def trainable(self, cfg: TrialConfig) -> int:
+            return int(ray.get(self.actor.trainable.remote(cfg)))
+
+    actor = ProbeActor.remote(space.model, space.task)  # type: ignore[attr-defined]
+    try:
+        info = ray.get(actor.info.remote())
+    except RayTaskError as exc:  # the checkpoint or the task cannot be opened: nothing has started
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        echo(f"error: {cause}")
+        ray.shutdown()
+        return EXIT_BAD_INPUT
+    base_params = int(info["base_params"])
+    limit = trainable_limit(space, base_params)
+
+    parent = SearchRun(uri, space.tracking.experiment, results_dir / "mlartifacts", run_name, space, space_text)
+    callback = MlflowTrialCallback(parent, space, echo=echo)
+    searcher = PeftSearcher(space, optuna.storages.RDBStorage(storage_url), study_name, Sizes(actor), limit,
+                            base_params, callback, echo=echo)
+    callback.searcher = searcher
+    s = space.search
+    stages = f"two stages ({s.stage1} + {s.num_trials - s.stage1} trials)" if s.strategy == "two_stage" else (
+        f"{s.num_trials} trials")
+    echo(f"search {run_name}: {stages}, {s.concurrency} at a time, objectives {objectives}; rungs "
+         f"{space.training.budget.steps()} steps, pruner {s.pruner.name}, sampler {s.sampler}")
+    echo(f"model {space.model.checkpoint}: {base_params:,} parameters"
+         + (f"; configurations above {limit:,} trainable parameters are rejected" if limit is not None else ""))
+    echo(f"MLflow: {uri} (experiment {space.tracking.experiment!r}, run {parent.run_id}); "
+         f"Optuna study {study_name!r} in {storage_url}")
+
     status = results.STATUS_FAILED
     try:
-        searcher = ConcurrencyLimiter(make_searcher(space, study_name, storage_url),
-                                      max_concurrent=space.search.concurrency)
-        resources = {"cpu": space.search.cpus_per_trial, "gpu": space.search.gpus_per_trial}
+        resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trainable, space_json=space.model_dump_json()), resources),
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space),
-                                        num_samples=space.search.num_trials, reuse_actors=True),
+            tune.with_resources(trainable, resources),
+            # Ray trials are at most the proposals plus the re-evaluations; the searcher says when it is done.
+            tune_config=tune.TuneConfig(search_alg=tune.search.ConcurrencyLimiter(searcher, s.concurrency),
+                                        scheduler=RungScheduler(searcher), reuse_actors=True,
+                                        num_samples=s.num_trials + s.reevaluate.top * s.reevaluate.seeds),
             run_config=tune.RunConfig(name=run_name, storage_path=str(results_dir / "ray"), verbose=0,
                                       callbacks=[callback], failure_config=tune.FailureConfig(max_failures=0)),
         )
         tuner.fit()
         status = results.STATUS_FINISHED
     except KeyboardInterrupt:
-        status = "interrupted"
+        status = results.STATUS_INTERRUPTED
         echo("interrupted: finished trials are kept in MLflow")
     finally:
         df = results.trials(parent.client, space.tracking.experiment, parent.run_id)
-        front = results.pareto(df, objectives)
+        front = results.reevaluated(df, results.pareto(df, objectives), objectives)
         counts = callback.counts()
-        parent.finish(status, front.to_csv(index=False) if not front.empty else None, counts)
+        hv = searcher.hypervolume()
+        trained = sum(int(v) for v in df.get("steps_done", []) if v == v) if "steps_done" in df else 0
+        summary: dict[str, float] = {f"trials_{k}": v for k, v in counts.items()}
+        summary.update(hypervolume=hv, steps_saved_by_pruning=searcher.steps_saved)
+        parent.finish(status, front.to_csv(index=False) if not front.empty else None, summary)
         ray.shutdown()
     echo("")
-    echo(f"{counts.get('finished', 0)} finished, {counts.get('stopped', 0)} stopped early, "
-         f"{counts.get('failed', 0)} failed")
-    echo("Pareto front (finished trials only):")
-    echo(format_front(front, objectives))
+    echo(", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("finished", "pruned", "failed")))
+    if searcher.stop_reason:
+        echo(searcher.stop_reason)
+    pruned_steps = searcher.steps_saved
+    if pruned_steps:
+        echo(f"pruning saved {pruned_steps:,} training steps of {trained + pruned_steps:,} "
+             f"({100 * pruned_steps / max(1, trained + pruned_steps):.0f}%)")
+    size = size_metric(objectives)
+    reference = (f" x log10({size}), reference {space.quality} "
+                 f"{0 if space.quality == 'val_accuracy' else 'worst'} and full fine-tuning "
+                 f"(log10 {10 ** size_reference(size, base_params):,.0f})") if size else ""
+    echo(f"hypervolume {hv:.4f} ({space.quality}{reference})")
+    echo("Pareto front (trials that trained the full budget; \u00b1 is the spread over re-evaluation seeds):")
+    for line in format_front(front, objectives).splitlines():
+        echo(line)
     echo("")
     echo("next: `make dashboard` to browse, `python -m search.export -o best.yaml` then "
          "`python -m trials.train best.yaml` to train the most accurate Pareto trial")

@@ -1,61 +1,386 @@
-"""Optuna inside Ray Tune: the define-by-run space and a searcher that keeps stopped trials off the front."""
+"""Optuna inside Ray Tune: the searcher that proposes, rejects, deduplicates, prunes and re-evaluates.
+
+``PeftSearcher`` is a Ray Tune ``Searcher`` that drives Optuna studies by ask and tell, one phase after another:
+- ``search`` (one stage), or ``stage1`` then ``stage2`` (the two-stage recipe, space.stages);
+- ``reevaluate``: the most accurate front configurations again, with further seeds, at the full budget.
+Each phase proposes its trial budget. A proposal is built once into a validated ``TrialConfig`` and handed to the
+worker as that object's JSON. Before anything trains:
+- its closed-form trainable count comes from a ``Probe`` (a Ray actor, so the driver never imports torch);
+- above ``search.max_trainable`` it is rejected: Optuna records it PRUNED with a violated constraint, which the
+  samplers read as infeasible;
+- a configuration that already finished is not trained again: its result is copied (state ``duplicate``).
+While trials train, ``RungScheduler`` hands every rung report to ``PeftSearcher.rung``, which stores the value in
+the Optuna trial's user attributes (``search.pruners.record_rung``) and asks the study's pruner; Ray stops what it
+prunes. Ray is told to stop asking once every phase is done or the time budget would be overrun.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
+import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ray.tune.search.optuna import OptunaSearch
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 
-from space.config import SearchSpace, sample_trial
-from trials.run import FINISHED
+from search.hypervolume import search_hypervolume
+from search.pruners import SIZE_ATTR, make_pruner, record_rung
+from space.config import SearchSpace, TrialConfig, dimensions, sample_trial
+from space.metrics import better, quality_metric, size_metric
+from space.stages import selected_methods, stage1_space, stage2_sampler
+from trials.report import FINISHED
 
-
-class DefineByRun:
-    """Suggests every searched dimension of a space on an Optuna trial (picklable for searcher checkpoints)."""
-
-    def __init__(self, space: SearchSpace) -> None:
-        self.space = space
-
-    def __call__(self, trial: Any) -> None:
-        sample_trial(self.space, trial)
-
-
-class FinalResultOptunaSearch(OptunaSearch):
-    """Tells Optuna PRUNED for a trial stopped before its final report.
-
-    Ray completes a scheduler-stopped trial with its last, partial result, which plain OptunaSearch records as
-    COMPLETE: a cheap configuration stopped early would then sit on the study's Pareto front and steer the
-    sampler with low-fidelity values.
-    """
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result is not None and not result.get(FINISHED):
-            result = None
-        super().on_trial_complete(trial_id, result=result, error=error)
+# Which settings of search.pruner each pruner takes.
+PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "pareto": ("min_better", "margin", "min_peers", "warmup_steps"),
+    "median": ("min_peers", "warmup_steps"),
+    "percentile": ("percentile", "min_peers", "warmup_steps"),
+    "successive_halving": ("reduction_factor", "min_peers", "warmup_steps"),
+    "hyperband": ("reduction_factor", "n_brackets", "min_peers"),
+    "none": (),
+}
+STATE_ATTR = "mps_state"  # the trial state in the project's words (space.metrics.TRIAL_STATES)
+CONSTRAINT = "max_trainable"
 
 
-def make_sampler(space: SearchSpace):
-    import optuna
+class Sizes(Protocol):
+    """What the searcher asks of a ``trials.probe.Probe`` (directly, or through a Ray actor)."""
 
-    seed = space.search.seed
-    if space.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if space.search.sampler == "random":
+    def trainable(self, cfg: TrialConfig) -> int: ...
+
+
+class Recorder(Protocol):
+    """Where the searcher records what never reaches Ray (rejected and duplicate proposals) and the hypervolume."""
+
+    def settled(self, number: int, phase: str, cfg: TrialConfig, params: dict[str, Any], state: str,
+                metrics: dict[str, float], note: str) -> None: ...
+
+    def hypervolume(self, completed: int, value: float) -> None: ...
+
+
+def config_key(cfg: TrialConfig) -> str:
+    """Two proposals are the same configuration when everything but the seed is equal."""
+    return json.dumps(cfg.model_dump(mode="json", exclude={"seed"}), sort_keys=True)
+
+
+def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    s = space.search
+    if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    # Multivariate TPE with the constant liar: suited to conditional spaces and parallel suggestions.
+    if s.sampler == "grid":
+        # Every searched value is a list of choices (SearchSpace checks it for the grid sampler).
+        grid = {name: list(getattr(value, "choices", [])) for name, value in dimensions(space).items()}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    if s.sampler == "nsga2":
+        # A population near the trial budget, or NSGA-II would sample at random for its whole first generation.
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, s.num_trials // 4)))
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)  # needs torch and scipy in the driver, unlike the others
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is experimental
+        # Multivariate TPE with the constant liar: suited to conditional spaces and parallel suggestions.
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=min(10, max(2, space.search.num_trials // 3)))
+                                          n_startup_trials=min(10, max(2, s.num_trials // 3)))
 
 
-def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> FinalResultOptunaSearch:
-    import optuna
+@dataclass
+class Phase:
+    name: str  # search | stage1 | stage2 | reevaluate
+    budget: int
+    study: optuna.Study | None = None
+    sample: Callable[[Any], TrialConfig] | None = None
+    queue: list[tuple[TrialConfig, int]] = field(default_factory=list)  # reevaluate: (config, of trial number)
+    proposed: int = 0
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    return FinalResultOptunaSearch(
-        space=DefineByRun(space), metric=[o.metric for o in space.objectives],
-        mode=[o.mode for o in space.objectives], sampler=make_sampler(space), seed=space.search.seed,
-        study_name=study_name, storage=optuna.storages.RDBStorage(storage_url))
+@dataclass
+class Live:
+    number: int
+    phase: str
+    cfg: TrialConfig
+    key: str
+    size: int
+    ot: optuna.trial.Trial | None
+    started: float
+    last_step: int = 0
+
+
+class PeftSearcher(Searcher):
+    def __init__(self, space: SearchSpace, storage: Any, study_name: str, sizes: Sizes, limit: int | None,
+                 base_params: int, recorder: Recorder, echo: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.space = space
+        self.storage = storage
+        self.study_name = study_name
+        self.sizes = sizes
+        self.limit = limit
+        self.base_params = base_params
+        self.recorder = recorder
+        self.echo = echo
+        self.clock = clock
+        self.start = clock()
+        self.objectives = space.objective_names
+        self.quality = quality_metric(self.objectives)
+        self.size = size_metric(self.objectives)
+        self.max_steps = space.training.budget.max_steps
+        self.phases = self._plan()
+        self.current = 0
+        self.number = 0
+        self.live: dict[str, Live] = {}
+        self.pruned: dict[str, int] = {}  # Ray trial id -> the rung step it was pruned at
+        self.states: dict[str, str] = {}  # Ray trial id -> final state
+        self.finished: dict[str, dict[str, Any]] = {}  # config key -> the first finished result
+        self.results: list[dict[str, Any]] = []  # finished trials of the searched phases
+        self.durations: list[float] = []
+        self.steps_saved = 0
+        self.stop_reason: str | None = None
+        self.stage1_selection: list[str] | None = None
+
+    # -- phases -------------------------------------------------------------------------------------------------
+    def _study(self, suffix: str, seed: int) -> optuna.Study:
+        p = self.space.search.pruner
+        pruner = make_pruner(p.name, self._direction(), **{k: getattr(p, k) for k in PRUNER_OPTIONS[p.name]})
+        return optuna.create_study(
+            storage=self.storage, study_name=f"{self.study_name}{suffix}", load_if_exists=True,
+            directions=["maximize" if o.mode == "max" else "minimize" for o in self.space.objectives],
+            sampler=make_sampler(self.space, seed), pruner=pruner or optuna.pruners.NopPruner())
+
+    def _direction(self) -> str:
+        return next(o.mode for o in self.space.objectives if o.metric == self.quality)
+
+    def _plan(self) -> list[Phase]:
+        s = self.space.search
+        if s.strategy == "two_stage":
+            first = Phase("stage1", s.stage1, self._study("-stage1", s.seed))
+            space1 = stage1_space(self.space)
+            first.sample = lambda trial: sample_trial(space1, trial)
+            phases = [first, Phase("stage2", s.num_trials - s.stage1)]
+        else:
+            first = Phase("search", s.num_trials, self._study("", s.seed))
+            first.sample = lambda trial: sample_trial(self.space, trial)
+            phases = [first]
+        assert first.study is not None
+        for params in s.enqueue:
+            first.study.enqueue_trial(params, skip_if_exists=True)
+        if s.reevaluate.top > 0:
+            phases.append(Phase("reevaluate", 0))
+        return phases
+
+    def _advance(self) -> None:
+        """The current phase has proposed its budget and nothing of it runs: set up the next one."""
+        self.current += 1
+        if self.current >= len(self.phases):
+            return
+        phase = self.phases[self.current]
+        if phase.name == "stage2":
+            best = self._best(phase="stage1")
+            if best is None:
+                self.echo("stage 1 finished no trial: stage 2 searches the whole space")
+                selected = [n for n, m in self.space.methods.items() if m.enabled is not False]
+            else:
+                selected = selected_methods(best["cfg"])
+            self.stage1_selection = selected
+            self.echo(f"stage 2: tuning {', '.join(selected) or 'the head alone'} "
+                      f"(from stage 1's most accurate trial, {self._name(best)}), and may drop one of them")
+            phase.study = self._study("-stage2", self.space.search.seed + 1)
+            phase.sample = stage2_sampler(self.space, selected)
+        elif phase.name == "reevaluate":
+            r = self.space.search.reevaluate
+            top = self._front()[: r.top]
+            for row in top:
+                for k in range(1, r.seeds + 1):
+                    phase.queue.append((row["cfg"].model_copy(update={"seed": row["cfg"].seed + k}), row["number"]))
+            phase.budget = len(phase.queue)
+            if top:
+                self.echo(f"re-evaluating the {len(top)} most accurate front configurations with {r.seeds} more "
+                          f"seed(s) each ({phase.budget} trials at the full budget)")
+
+    @staticmethod
+    def _name(row: dict[str, Any] | None) -> str:
+        return "none" if row is None else f"trial-{row['number']:03d}"
+
+    def _best(self, phase: str | None = None) -> dict[str, Any] | None:
+        rows = [r for r in self.results if phase is None or r["phase"] == phase]
+        best = None
+        for r in rows:
+            if best is None or better(self.quality, r[self.quality], best[self.quality]) or (
+                    r[self.quality] == best[self.quality] and r["trainable_params"] < best["trainable_params"]):
+                best = r
+        return best
+
+    def _front(self) -> list[dict[str, Any]]:
+        """Finished configurations on the Pareto front of the objectives, most accurate first."""
+        from search.pareto import pareto_indices
+
+        rows = [r for r in self.results if r["phase"] != "reevaluate"]
+        front = [rows[i] for i in pareto_indices(rows, self.objectives)]
+        sign = -1.0 if self._direction() == "max" else 1.0
+        return sorted(front, key=lambda r: (sign * r[self.quality], r["trainable_params"]))
+
+    # -- Ray Tune's Searcher interface ------------------------------------------------------------------------------
+    def suggest(self, trial_id: str) -> Any:  # a config dict, None (not now) or Searcher.FINISHED
+        while True:
+            if self.current >= len(self.phases):
+                return Searcher.FINISHED
+            phase = self.phases[self.current]
+            if phase.proposed >= phase.budget:
+                if any(live.phase == phase.name for live in self.live.values()):
+                    return None  # the next phase needs this one's results
+                self._advance()
+                continue
+            if self._out_of_time():
+                return Searcher.FINISHED
+            if phase.name == "reevaluate":
+                cfg, of = phase.queue[phase.proposed]
+                phase.proposed += 1
+                return self._launch(trial_id, phase, cfg, None, {}, self.sizes.trainable(cfg), of)
+            config = self._propose(trial_id, phase)
+            if config is not None:
+                return config
+
+    def _propose(self, trial_id: str, phase: Phase) -> dict[str, Any] | None:
+        assert phase.study is not None and phase.sample is not None
+        ot = phase.study.ask()
+        phase.proposed += 1
+        cfg = phase.sample(ot)
+        size = self.sizes.trainable(cfg)
+        ot.set_user_attr(SIZE_ATTR, size)
+        if self.limit is not None:
+            ot.set_constraint(CONSTRAINT, float(size - self.limit))  # > 0: infeasible, for every sampler
+        key = config_key(cfg)
+        if self.limit is not None and size > self.limit:
+            self._settle(ot, phase, cfg, "rejected", TrialState.PRUNED, None, {"trainable_params": size},
+                         f"{size:,} trainable parameters is above search.max_trainable {self.limit:,}")
+            return None
+        if key in self.finished:
+            first = self.finished[key]
+            values = [first["metrics"][m] for m in self.objectives]
+            self._settle(ot, phase, cfg, "duplicate", TrialState.COMPLETE, values, first["metrics"],
+                         f"same configuration as trial-{first['number']:03d}; its result is reused")
+            return None
+        return self._launch(trial_id, phase, cfg, ot, ot.params, size, None)
+
+    def _launch(self, trial_id: str, phase: Phase, cfg: TrialConfig, ot: optuna.trial.Trial | None,
+                params: dict[str, Any], size: int, of: int | None) -> dict[str, Any]:
+        self.number += 1
+        if ot is not None:
+            ot.set_user_attr(STATE_ATTR, "running")
+            ot.set_user_attr("mps_number", self.number)
+        self.live[trial_id] = Live(self.number, phase.name, cfg, config_key(cfg), size, ot, self.clock())
+        return {"trial": cfg.model_dump_json(), "number": self.number, "phase": phase.name, "params": params,
+                "summary": cfg.summary(), "trainable_params": size, "reevaluates": of}
+
+    def _settle(self, ot: optuna.trial.Trial, phase: Phase, cfg: TrialConfig, state: str, tell: TrialState,
+                values: list[float] | None, metrics: dict[str, Any], note: str) -> None:
+        self.number += 1
+        ot.set_user_attr(STATE_ATTR, state)
+        ot.set_user_attr("mps_number", self.number)
+        ot.set_user_attr("mps_note", note)
+        assert phase.study is not None
+        phase.study.tell(ot, values, state=tell)
+        self.recorder.settled(self.number, phase.name, cfg, dict(ot.params), state, metrics, note)
+
+    def _out_of_time(self) -> bool:
+        budget = self.space.search.time_budget
+        if budget is None:
+            return False
+        elapsed = self.clock() - self.start
+        typical = statistics.median(self.durations) if self.durations else 0.0
+        if elapsed + typical <= budget:
+            return False
+        if self.stop_reason is None:
+            self.stop_reason = (f"time budget {budget:.0f} s: stopped starting trials after {elapsed:.0f} s (a trial "
+                                f"takes about {typical:.0f} s); the trials already running finish")
+            self.echo(self.stop_reason)
+        return True
+
+    def rung(self, trial_id: str, result: dict[str, Any]) -> bool:
+        """Record a rung report in the trial's Optuna attributes; True when the study's pruner prunes it."""
+        live = self.live.get(trial_id)
+        if live is None or result.get(FINISHED) or "step" not in result:
+            return False
+        live.last_step = int(result["step"])
+        value = result.get(self.quality)
+        if live.ot is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False  # re-evaluation seeds train to the end; a non-finite value fails the trial itself
+        study = live.ot.study
+        record_rung(study, live.ot._trial_id, live.last_step, float(value))
+        frozen = study._storage.get_trial(live.ot._trial_id)
+        if study.pruner.prune(study, frozen):
+            self.pruned[trial_id] = live.last_step
+            return True
+        return False
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass  # rung reports reach ``rung`` through RungScheduler, which decides before Ray calls this
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        live = self.live.pop(trial_id, None)
+        if live is None:
+            return
+        self.durations.append(self.clock() - live.started)
+        finished = bool(result and result.get(FINISHED))
+        if error:
+            state, tell = "failed", TrialState.FAIL
+        elif finished:
+            state, tell = "finished", TrialState.COMPLETE
+        elif trial_id in self.pruned:
+            state, tell = "pruned", TrialState.PRUNED
+            self.steps_saved += self.max_steps - self.pruned[trial_id]
+        else:
+            state, tell = "interrupted", TrialState.FAIL
+        self.states[trial_id] = state
+        if finished and result is not None:
+            metrics = {k: result[k] for k in (*self.objectives, "test_accuracy") if k in result}
+            row = {"number": live.number, "phase": live.phase, "cfg": live.cfg, **metrics,
+                   "trainable_params": live.size}
+            self.results.append(row)
+            if live.phase != "reevaluate":
+                self.finished.setdefault(live.key, {"number": live.number, "metrics": metrics})
+                self.recorder.hypervolume(len(self.results), self.hypervolume())
+        if live.ot is not None:
+            live.ot.set_user_attr(STATE_ATTR, state)
+            values = [result[m] for m in self.objectives] if finished and result is not None else None
+            try:
+                live.ot.study.tell(live.ot, values, state=tell)
+            except ValueError as exc:  # a non-finite objective: recorded as failed rather than lost
+                self.echo(f"trial-{live.number:03d}: Optuna refused its values ({exc}); recorded as failed")
+                live.ot.study.tell(live.ot, None, state=TrialState.FAIL)
+
+    def hypervolume(self) -> float:
+        rows = [r for r in self.results if r["phase"] != "reevaluate"]
+        return search_hypervolume(rows, self.quality, self.size, self.base_params)
+
+    def state_of(self, trial_id: str) -> str:
+        """The state of a Ray trial once Ray has stopped it (``pruned`` is known from the rung it was pruned at)."""
+        if trial_id in self.states:
+            return self.states[trial_id]
+        return "pruned" if trial_id in self.pruned else "interrupted"
+
+    def save(self, checkpoint_path: str) -> None:
+        # The Optuna storage holds the studies; this is a readable summary of where the search stands.
+        with open(checkpoint_path, "w") as f:
+            json.dump({"phase": self.current, "proposed": [p.proposed for p in self.phases],
+                       "numbers": self.number, "steps_saved": self.steps_saved}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("resuming a search is not supported yet: start a new one")
+
+
+class RungScheduler(FIFOScheduler):
+    """Stops a trial when the searcher's Optuna pruner prunes it at a rung; otherwise first in, first out."""
+
+    def __init__(self, searcher: PeftSearcher) -> None:
+        super().__init__()
+        self.searcher = searcher
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return TrialScheduler.STOP if self.searcher.rung(trial.trial_id, result) else TrialScheduler.CONTINUE

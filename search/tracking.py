@@ -14,15 +14,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from search.results import (
-    CONFIG_ARTIFACT,
-    STATUS_FAILED,
-    STATUS_FINISHED,
-    STATUS_RUNNING,
-    STATUS_STOPPED,
-)
-from space.config import SearchSpace, SpaceError, replay_trial
-from trials.run import FINISHED
+from search.results import CONFIG_ARTIFACT
+from space.config import SearchSpace, TrialConfig
+from trials.report import FINISHED
 
 # Per-step metrics are logged as curves; the rest of the final report is logged once.
 CURVE_KEYS = ("val_accuracy", "train_loss", "trainable_params")
@@ -54,21 +48,25 @@ class SearchRun:
             self.experiment_id = exp.experiment_id
         objectives = [o.metric for o in space.objectives]
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-            "mps.kind": "search", "mps.status": STATUS_RUNNING, "mps.objectives": json.dumps(objectives)})
+            "mps.kind": "search", "mps.status": "running", "mps.objectives": json.dumps(objectives)})
         self.run_id = run.info.run_id
-        s = space.search
+        s, budget = space.search, space.training.budget
         self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in {
             "num_trials": s.num_trials, "concurrency": s.concurrency, "seed": s.seed, "sampler": s.sampler,
-            "early_stopping": s.early_stopping.enabled, "model": space.model.checkpoint, "task": space.task.name,
-            "steps": space.training.steps}.items()])
+            "pruner": s.pruner.name, "strategy": s.strategy, "rungs": budget.steps(),
+            "reevaluate": f"top {s.reevaluate.top}, {s.reevaluate.seeds} seeds", "max_trainable": s.max_trainable,
+            "time_budget": s.time_budget, "model": space.model.checkpoint, "task": space.task.name}.items()])
         self.client.log_text(self.run_id, space_text, "space.yaml")
 
-    def finish(self, status: str, pareto_csv: str | None, counts: dict[str, int]) -> None:
+    def hypervolume(self, completed: int, value: float) -> None:
+        self.client.log_batch(self.run_id, metrics=[_metric("hypervolume", value, completed)])
+
+    def finish(self, status: str, pareto_csv: str | None, summary: dict[str, float]) -> None:
         if pareto_csv is not None:
             self.client.log_text(self.run_id, pareto_csv, "pareto.csv")
-        self.client.log_batch(self.run_id, metrics=[_metric(f"trials_{k}", v) for k, v in counts.items()])
+        self.client.log_batch(self.run_id, metrics=[_metric(k, v) for k, v in summary.items()])
         self.client.set_tag(self.run_id, "mps.status", status)
-        self.client.set_terminated(self.run_id, "FINISHED" if status == STATUS_FINISHED else "KILLED")
+        self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "KILLED")
 
 
 def _param(key: str, value: Any):
@@ -84,13 +82,18 @@ def _metric(key: str, value: float, step: int = 0):
 
 
 class MlflowTrialCallback(Callback):
-    """Ray Tune callback: one child MLflow run per trial, plus terse progress lines on the terminal."""
+    """Ray Tune callback: one child MLflow run per trial, plus terse progress lines on the terminal.
 
-    def __init__(self, search: SearchRun, space: SearchSpace, total: int, echo=print) -> None:
+    It is also the searcher's ``Recorder``: proposals the searcher settles without Ray (rejected, duplicate) get
+    their child run here too, so MLflow holds every trial the Optuna studies hold, in the same words.
+    """
+
+    def __init__(self, search: SearchRun, space: SearchSpace, echo=print) -> None:
         self.search = search
         self.space = space
-        self.total = total
+        self.quality = space.quality
         self.echo = echo
+        self.searcher: Any = None  # set by the driver: the PeftSearcher whose states this records
         self.run_ids: dict[str, str] = {}
         self.numbers: dict[str, int] = {}
         self.summaries: dict[str, str] = {}
@@ -99,26 +102,47 @@ class MlflowTrialCallback(Callback):
     def _client(self):
         return self.search.client
 
+    def _label(self, number: int, phase: str) -> str:
+        return f"[{phase} {number:>3}]" if phase not in ("search",) else f"[{number:>3}/{self.space.search.num_trials}]"
+
+    def _open(self, number: int, phase: str, cfg: TrialConfig, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self._client().create_run(self.search.experiment_id, run_name=f"trial-{number:03d}", tags={
+            "mlflow.parentRunId": self.search.run_id, "mps.kind": "trial", "mps.summary": cfg.summary(),
+            "mps.phase": phase, **tags})
+        run_id = run.info.run_id
+        self._client().log_batch(run_id, params=[_param(k, v) for k, v in {**params, "seed": cfg.seed}.items()])
+        self._client().log_text(run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
+        return run_id
+
+    def settled(self, number: int, phase: str, cfg: TrialConfig, params: dict[str, Any], state: str,
+                metrics: dict[str, float], note: str) -> None:
+        run_id = self._open(number, phase, cfg, params, {"mps.status": state, "mps.note": note})
+        self._client().log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items() if _finite(v)])
+        self._client().set_terminated(run_id, "FINISHED")
+        self.statuses[f"settled-{number}"] = state
+        self.echo(f"{self._label(number, phase)} {state:<9} {cfg.summary()}: {note}")
+
+    def hypervolume(self, completed: int, value: float) -> None:
+        self.search.hypervolume(completed, value)
+
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         if trial.trial_id in self.run_ids:  # a restarted trial keeps its run
             return
-        number = len(self.numbers) + 1
+        config = trial.config
+        cfg = TrialConfig.model_validate_json(config["trial"])
+        number, phase = int(config["number"]), str(config["phase"])
+        tags = {"mps.status": "running", "mps.ray_trial_id": trial.trial_id,
+                "mps.trainable_params": str(config["trainable_params"])}
+        if config.get("reevaluates") is not None:
+            tags["mps.reevaluates"] = f"trial-{int(config['reevaluates']):03d}"
+        self.run_ids[trial.trial_id] = self._open(number, phase, cfg, dict(config["params"]), tags)
         self.numbers[trial.trial_id] = number
-        params = dict(trial.config)
-        try:
-            cfg = replay_trial(self.space, params)
-            config_text, summary = cfg.to_yaml(), cfg.summary()
-        except SpaceError as exc:  # logged, and the trial itself will fail with the same error
-            config_text, summary = f"# could not rebuild the trial config: {exc}\n", "invalid"
-        self.summaries[trial.trial_id] = summary
-        run = self._client().create_run(self.search.experiment_id, run_name=f"trial-{number:03d}", tags={
-            "mlflow.parentRunId": self.search.run_id, "mps.kind": "trial", "mps.status": STATUS_RUNNING,
-            "mps.summary": summary, "mps.ray_trial_id": trial.trial_id})
-        run_id = run.info.run_id
-        self.run_ids[trial.trial_id] = run_id
-        self._client().log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
-        self._client().log_text(run_id, config_text, CONFIG_ARTIFACT)
-        self.echo(f"[{number:>3}/{self.total}] start  {summary}")
+        self.summaries[trial.trial_id] = cfg.summary()
+        seed = f" (seed {cfg.seed}, re-evaluating {tags['mps.reevaluates']})" if "mps.reevaluates" in tags else ""
+        self.echo(f"{self._label(number, phase)} start     {cfg.summary()}{seed}")
+
+    def _phase(self, trial) -> str:
+        return str(trial.config.get("phase", "search"))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         run_id = self.run_ids.get(trial.trial_id)
@@ -132,30 +156,31 @@ class MlflowTrialCallback(Callback):
         if metrics:
             self._client().log_batch(run_id, metrics=metrics)
         if not result.get(FINISHED):
-            self.echo(f"[{self.numbers[trial.trial_id]:>3}/{self.total}] step {step:>5}  "
-                      f"val_acc {result.get('val_accuracy', float('nan')):.3f}")
+            self.echo(f"{self._label(self.numbers[trial.trial_id], self._phase(trial))} step {step:>5} "
+                      f"{self.quality} {result.get(self.quality, float('nan')):.3f}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
-        status = STATUS_FINISHED if last.get(FINISHED) else STATUS_STOPPED
+        status = "finished" if last.get(FINISHED) else (
+            self.searcher.state_of(trial.trial_id) if self.searcher is not None else "interrupted")
         self._end(trial, status, "FINISHED")
-        n = self.numbers.get(trial.trial_id, 0)
-        if status == STATUS_FINISHED:
-            self.echo(f"[{n:>3}/{self.total}] done   val_acc {last.get('val_accuracy', float('nan')):.3f}  "
-                      f"test_acc {last.get('test_accuracy', float('nan')):.3f}  "
-                      f"params {int(last.get('trainable_params', 0)):,}  {self.summaries.get(trial.trial_id, '')}")
+        label = self._label(self.numbers.get(trial.trial_id, 0), self._phase(trial))
+        q = last.get(self.quality, float("nan"))
+        if status == "finished":
+            self.echo(f"{label} finished  {self.quality} {q:.3f}  test_accuracy "
+                      f"{last.get('test_accuracy', float('nan')):.3f}  params {int(last.get('trainable_params', 0)):,}"
+                      f"  {self.summaries.get(trial.trial_id, '')}")
         else:
-            self.echo(f"[{n:>3}/{self.total}] stopped early at step {last.get('step', '?')} "
-                      f"(val_acc {last.get('val_accuracy', float('nan')):.3f})")
+            self.echo(f"{label} {status:<9} at step {last.get('step', '?')} ({self.quality} {q:.3f})")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         message = _error_text(trial)
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is not None:
             self._client().set_tag(run_id, "mps.error", message[-4000:])
-        self._end(trial, STATUS_FAILED, "FAILED")
+        self._end(trial, "failed", "FAILED")
         last_line = message.strip().splitlines()[-1] if message.strip() else "unknown error"
-        self.echo(f"[{self.numbers.get(trial.trial_id, 0):>3}/{self.total}] FAILED {last_line}")
+        self.echo(f"{self._label(self.numbers.get(trial.trial_id, 0), self._phase(trial))} failed    {last_line}")
 
     def _end(self, trial, status: str, mlflow_status: str) -> None:
         self.statuses[trial.trial_id] = status
@@ -166,7 +191,9 @@ class MlflowTrialCallback(Callback):
         self._client().set_terminated(run_id, mlflow_status)
 
     def counts(self) -> dict[str, int]:
-        out = {STATUS_FINISHED: 0, STATUS_STOPPED: 0, STATUS_FAILED: 0}
+        from space.metrics import TRIAL_STATES
+
+        out = dict.fromkeys(TRIAL_STATES[1:], 0)
         for s in self.statuses.values():
             out[s] = out.get(s, 0) + 1
         return out

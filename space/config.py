@@ -13,25 +13,52 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from space.methods import METHOD_SPACES, MethodConfig, MethodSpace, method_config, sample_method
-from space.metrics import METRICS, OBJECTIVE_METRICS, Direction
-from space.params import SearchFloat, SearchInt, SearchStr, Strict, Suggester, bounded, one_of, resolve
+from space.metrics import OBJECTIVE_METRICS, Direction, direction, quality_metric
+from space.params import (
+    Choices,
+    FloatRange,
+    IntRange,
+    SearchFloat,
+    SearchInt,
+    SearchStr,
+    Strict,
+    Suggester,
+    bounded,
+    one_of,
+    resolve,
+)
 
 
 class SpaceError(ValueError):
     """An invalid space.yaml or trial config; the message names the file and key path."""
 
 
+Pooling = Literal["last", "mean"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+
 class ModelSpec(Strict):
+    """The base model of one trial."""
+
     checkpoint: str = "embedded"  # "embedded", a local HF checkpoint directory, or a hub model id
     tokenizer: str = "auto"  # "auto" (the checkpoint's own, else bytes), "bytes", or a tokenizer path/id
-    pooling: Literal["last", "mean"] = "last"
+    # How the classifier reads the sequence: the hidden state at the last real position, or the mean over the
+    # real positions.
+    pooling: Pooling = "last"
     # Selective scan: "auto" (the project's mixer with the compiled CPU kernel, or its pure-PyTorch scan when
     # no C compiler is present; mamba-ssm's kernels on CUDA), "compiled", "torch", or transformers' own paths
     # "mambapy" and "hf_loop" (the default loop, O(L^2) in backward on CPU).
     scan: Literal["auto", "compiled", "torch", "mambapy", "hf_loop"] = "auto"
+
+
+class ModelSpace(ModelSpec):
+    """The base model in space.yaml: as ModelSpec, with ``pooling`` searchable (``{choices: [last, mean]}``), since
+    which read-out suits a task is as much a tuning question as the learning rate."""
+
+    pooling: Annotated[SearchStr, one_of(*POOLINGS)] = "last"  # type: ignore[assignment]
 
 
 SplitName = Literal["train", "validation", "test"]
@@ -68,17 +95,73 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
+class Budget(Strict):
+    """The multi-fidelity training budget, in optimiser steps.
+
+    Every trial trains on one schedule (linear warm-up, then cosine decay) sized for ``max_steps`` and is
+    validated at each rung. The pruner may stop it at any rung before the last; only trials that reach
+    ``max_steps`` are finished, and only finished trials make the front. ``python -m trials.train`` trains the
+    same schedule, so what the search ranked is what the user trains. The rungs are geometric by default:
+    ``min_steps``, ``min_steps * reduction_factor``, ... and always ``max_steps`` last.
+    """
+
+    min_steps: int = Field(default=60, ge=1)  # the first rung: the earliest point a trial can be pruned
+    max_steps: int = Field(default=480, ge=1)  # the full budget of a trial (and of trials.train)
+    reduction_factor: int = Field(default=2, ge=2)  # ratio between successive rungs
+    rungs: list[int] | None = None  # explicit rung steps instead of the ladder (min_steps is then unused)
+
+    @model_validator(mode="after")
+    def _ladder(self) -> Budget:
+        if self.rungs is None and self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps: {self.min_steps} is above max_steps {self.max_steps}")
+        if self.rungs is not None:
+            if not self.rungs or any(r < 1 for r in self.rungs) or self.rungs != sorted(set(self.rungs)):
+                raise ValueError(f"rungs: {self.rungs} must be distinct positive steps in increasing order")
+            if self.rungs[-1] != self.max_steps:
+                raise ValueError(f"rungs: the last rung {self.rungs[-1]} must be max_steps {self.max_steps}")
+        return self
+
+    def steps(self) -> list[int]:
+        """The rung steps, ascending, ending at ``max_steps``."""
+        if self.rungs is not None:
+            return list(self.rungs)
+        out, step = [], self.min_steps
+        while step < self.max_steps:
+            out.append(step)
+            step *= self.reduction_factor
+        return [*out, self.max_steps]
+
+
+# Keys of earlier versions and what replaced them (an old space.yaml gets an error naming the new key).
+_RENAMED = {
+    "steps": "training.budget.max_steps (with training.budget.min_steps for the first rung)",
+    "final_steps": "training.budget.max_steps (trials.train trains the schedule the search ranked)",
+    "eval_every": "training.budget.min_steps / training.budget.rungs (validation happens at the rungs)",
+}
+
+
+def _refuse_renamed(raw: Any, where: str) -> Any:
+    if isinstance(raw, dict):
+        for key, new in _RENAMED.items():
+            if key in raw:
+                raise ValueError(f"{key}: was replaced by {new}")
+    return raw
+
+
 class TrainingSpace(Strict):
-    steps: int = Field(default=120, ge=1)  # optimiser steps of one search trial
-    final_steps: int = Field(default=400, ge=1)  # the full schedule `python -m trials.train` uses
+    budget: Budget = Field(default_factory=Budget)
     batch_size: Annotated[SearchInt, bounded(int, ge=1)] = 16
     learning_rate: Annotated[SearchFloat, bounded(float, gt=0)] = 3e-3
     weight_decay: Annotated[SearchFloat, bounded(float, ge=0)] = 1e-4
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
-    eval_every: int = Field(default=30, ge=1)  # steps between validation reports (the early-stop rungs)
     head_lr_mult: Annotated[SearchFloat, bounded(float, gt=0)] = 1.0
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
     precision: Annotated[SearchStr, one_of(*PRECISIONS)] = "fp32"  # fp32, bf16 or fp16 (see Precision)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        return _refuse_renamed(raw, "training")
 
 
 class Objective(Strict):
@@ -90,7 +173,7 @@ class Objective(Strict):
         if self.metric not in OBJECTIVE_METRICS:
             hint = " (test accuracy is reported, never optimised)" if self.metric == "test_accuracy" else ""
             raise ValueError(f"{self.metric!r} cannot be an objective{hint}; choose from {list(OBJECTIVE_METRICS)}")
-        want = METRICS[self.metric][0]
+        want = direction(self.metric)
         if self.direction is not None and self.direction != want:
             raise ValueError(f"{self.metric} is to be {'maximised' if want == 'max' else 'minimised'}, "
                              f"not {self.direction!r}")
@@ -98,27 +181,120 @@ class Objective(Strict):
 
     @property
     def mode(self) -> Direction:
-        return METRICS[self.metric][0]
+        return direction(self.metric)
 
 
-class EarlyStopping(Strict):
-    enabled: bool = True
-    grace_period: int = Field(default=2, ge=1)  # validation reports before a trial may be stopped
-    reduction_factor: int = Field(default=2, ge=2)
+PrunerName = Literal["pareto", "median", "percentile", "successive_halving", "hyperband", "none"]
+
+
+class PrunerSpec(Strict):
+    """Which Optuna pruner stops trials at the budget rungs (search/pruners.py has the exact rules).
+
+    ``pareto`` (the default) prunes a trial at a rung when ``min_better`` trials that are no larger had reached a
+    value at least ``margin`` better at that rung, once ``min_peers`` trials have reached it: a trial can only
+    make the front by beating the trials no larger than itself. ``median`` and ``percentile`` compare with a
+    percentile of the rung's values, ``successive_halving`` keeps the top 1/``reduction_factor`` at each rung, and
+    ``hyperband`` runs ``n_brackets`` successive-halving brackets; these four look at the quality objective only.
+    """
+
+    name: PrunerName = "pareto"
+    min_better: int = Field(default=2, ge=1)  # pareto
+    margin: float = Field(default=0.02, ge=0)  # pareto: in the quality objective's units
+    min_peers: int = Field(default=4, ge=1)  # every pruner: trials at a rung before anything there is pruned
+    warmup_steps: int = Field(default=0, ge=0)  # no pruning at rungs at or below this step
+    percentile: float = Field(default=25.0, gt=0, lt=100)  # percentile: the kept top share, in %
+    reduction_factor: int = Field(default=2, ge=2)  # successive_halving / hyperband
+    n_brackets: int = Field(default=3, ge=1)  # hyperband
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, raw: Any) -> Any:
+        return {"name": raw} if isinstance(raw, str) else raw
+
+
+class Reevaluate(Strict):
+    """After the search, the ``top`` most accurate front configurations are trained again with ``seeds`` further
+    seeds at the full budget; the front is reported with the mean and spread over all their seeds."""
+
+    top: int = Field(default=3, ge=0)  # 0 turns re-evaluation off
+    seeds: int = Field(default=2, ge=1)
+
+
+def _seconds(value: Any) -> Any:
+    """``search.time_budget``: seconds, or a string with a unit: ``90s``, ``45m``, ``2h``."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration; give seconds or a number with s, m or h (e.g. 45m)")
+        value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ValueError(f"{value!r} is not a positive duration")
+    return value
+
+
+def _trainable_limit(value: Any) -> Any:
+    """``search.max_trainable``: a count, or a percentage of the base model's parameters (``"2%"``)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)
+        if match is None:
+            raise ValueError(f"{value!r} is neither a parameter count nor a percentage such as '2%'")
+        if not 0 < float(match.group(1)) <= 100:
+            raise ValueError(f"{value!r}: a percentage must be above 0 and at most 100")
+        return f"{float(match.group(1))}%"
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{value!r} is neither a parameter count (an integer >= 1) nor a percentage such as '2%'")
+    return value
+
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 
 
 class SearchSpec(Strict):
-    num_trials: int = Field(default=12, ge=1)
+    num_trials: int = Field(default=12, ge=1)  # configurations proposed (rejected and duplicate ones included)
     concurrency: int = Field(default=2, ge=1)
     seed: int = 0
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
-    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    sampler: Literal["tpe", "nsga2", "gp", "random", "grid"] = "tpe"
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    # one_stage: one search over the whole space. two_stage: MambaPEFT's recipe; stage 1 (``stage1_trials``)
+    # switches methods on and off at their smallest sizes, stage 2 (the rest of num_trials) tunes the sizes and
+    # rates of the set the most accurate stage-1 trial used and may drop one of its methods.
+    strategy: Literal["one_stage", "two_stage"] = "one_stage"
+    stage1_trials: int | None = Field(default=None, ge=1)  # two_stage; default half of num_trials
+    reevaluate: Reevaluate = Field(default_factory=Reevaluate)
+    time_budget: Annotated[float | None, BeforeValidator(_seconds)] = None  # wall clock, seconds (or "45m", "2h")
+    max_trainable: Annotated[int | str | None, BeforeValidator(_trainable_limit)] = None  # count or "2%"
+    # Configurations evaluated first, as sampled parameter names and values (``python -m search.run --dry-run``
+    # lists the names), e.g. {lora_in_proj.enabled: true, lora_in_proj.rank: 8, training.learning_rate: 0.005}.
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.0, ge=0)
     address: str | None = None  # an existing Ray cluster ("auto" or ray://host:port); None starts local Ray
     optuna_storage: str | None = None  # an Optuna RDB URL (e.g. PostgreSQL) to persist and resume the study
     study_name: str | None = None
     results_dir: str = "runs"  # Ray Tune trial directories and the default sqlite stores live here
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "early_stopping" in raw:
+            raise ValueError("early_stopping: was replaced by search.pruner (and training.budget for the rungs)")
+        return raw
+
+    @model_validator(mode="after")
+    def _stages(self) -> SearchSpec:
+        if self.strategy == "two_stage":
+            if self.num_trials < 2:
+                raise ValueError(f"num_trials: {self.num_trials} is too few for two stages")
+            if self.stage1_trials is not None and self.stage1_trials >= self.num_trials:
+                raise ValueError(f"stage1_trials: {self.stage1_trials} leaves no trial of num_trials "
+                                 f"{self.num_trials} for stage 2")
+        elif self.stage1_trials is not None:
+            raise ValueError("stage1_trials: only with strategy two_stage")
+        return self
+
+    @property
+    def stage1(self) -> int:
+        return self.stage1_trials or self.num_trials // 2
 
 
 class TrackingSpec(Strict):
@@ -134,7 +310,7 @@ class SearchSpace(Strict):
     """The whole of space.yaml."""
 
     name: str = "search"
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpace = Field(default_factory=ModelSpace)
     task: TaskSpec = Field(default_factory=TaskSpec)
     methods: dict[str, Any] = Field(default_factory=dict)
     training: TrainingSpace = Field(default_factory=TrainingSpace)
@@ -170,25 +346,60 @@ class SearchSpace(Strict):
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: {names} names a metric twice")
-        if self.training.eval_every > self.training.steps:
-            raise ValueError(f"training.eval_every {self.training.eval_every} is above training.steps "
-                             f"{self.training.steps}: no validation report would happen before the end")
+        try:
+            quality_metric(names)
+        except ValueError as exc:
+            raise ValueError(f"objectives: {exc}") from None
+        known = set(dimensions(self))
+        for i, params in enumerate(self.search.enqueue):
+            unknown = sorted(set(params) - known)
+            if unknown:
+                raise ValueError(f"search.enqueue.{i}: {unknown[0]!r} is not a searched parameter of this space; "
+                                 f"searched: {sorted(known) or 'none'}")
+        if self.search.sampler == "grid":
+            continuous = [name for name, value in dimensions(self).items() if not isinstance(value, Choices)]
+            if continuous:
+                raise ValueError(f"search.sampler: grid needs every searched value to be a list of choices; "
+                                 f"{continuous[0]} is a range")
         return self
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def quality(self) -> str:
+        """The objective measured at every rung (accuracy-like); the pruner and "best" use it."""
+        return quality_metric(self.objective_names)
 
 
 class TrainingConfig(Strict):
     """The concrete training settings of one trial (defaults as in TrainingSpace)."""
 
-    steps: int = Field(default=120, ge=1)
-    final_steps: int = Field(default=400, ge=1)
+    rungs: list[int] = Field(default_factory=lambda: Budget().steps())  # validation points; the last is the budget
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
-    eval_every: int = Field(default=30, ge=1)
     head_lr_mult: float = Field(default=1.0, gt=0)
     grad_clip: float = Field(default=1.0, ge=0)
     precision: Precision = "fp32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        return _refuse_renamed(raw, "training")
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, rungs: list[int]) -> list[int]:
+        if not rungs or any(r < 1 for r in rungs) or rungs != sorted(set(rungs)):
+            raise ValueError(f"{rungs} must be distinct positive steps in increasing order")
+        return rungs
+
+    @property
+    def max_steps(self) -> int:
+        return self.rungs[-1]
 
 
 class TrialConfig(Strict):
@@ -241,6 +452,7 @@ class TrialConfig(Strict):
 
 
 def sample_trial(space: SearchSpace, trial: Suggester, seed: int | None = None) -> TrialConfig:
+    """The one validated TrialConfig for what ``trial`` suggests; the worker receives this object as it is."""
     methods = {}
     for name, mspace in space.methods.items():
         cfg = sample_method(name, mspace, trial)
@@ -248,16 +460,55 @@ def sample_trial(space: SearchSpace, trial: Suggester, seed: int | None = None) 
             methods[name] = cfg
     t = space.training
     training = TrainingConfig(
-        steps=t.steps, final_steps=t.final_steps, warmup_fraction=t.warmup_fraction, eval_every=t.eval_every,
-        grad_clip=t.grad_clip,
+        rungs=t.budget.steps(), warmup_fraction=t.warmup_fraction, grad_clip=t.grad_clip,
         batch_size=resolve(t.batch_size, "training.batch_size", trial),
         learning_rate=resolve(t.learning_rate, "training.learning_rate", trial),
         weight_decay=resolve(t.weight_decay, "training.weight_decay", trial),
         head_lr_mult=resolve(t.head_lr_mult, "training.head_lr_mult", trial),
         precision=resolve(t.precision, "training.precision", trial),
     )
-    return TrialConfig(model=space.model, task=space.task, methods=methods, training=training,
+    model = ModelSpec(**{**space.model.model_dump(), "pooling": resolve(space.model.pooling, "model.pooling", trial)})
+    return TrialConfig(model=model, task=space.task, methods=methods, training=training,
                        seed=space.search.seed if seed is None else seed)
+
+
+class _Recorder:
+    """A Suggester that records every dimension a space can search: each ``enabled`` switch answers True, so the
+    fields of every method that may be on are visited."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self.seen: dict[str, Any] = {}
+
+    def _value(self, name: str) -> Any:
+        section, _, field = name.rpartition(".")
+        if section == "training":
+            return getattr(self.space.training, field)
+        if section == "model":
+            return getattr(self.space.model, field)
+        return getattr(self.space.methods[section], field)
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        self.seen[name] = self._value(name)
+        return low
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        self.seen[name] = self._value(name)
+        return low
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        if name.endswith(".enabled"):
+            self.seen[name] = Choices(choices=[True, False])
+            return True
+        self.seen[name] = self._value(name)
+        return choices[0]
+
+
+def dimensions(space: SearchSpace) -> dict[str, Choices | IntRange | FloatRange]:
+    """Every searched parameter of the space, by the name Optuna records it under, with its range or choices."""
+    recorder = _Recorder(space)
+    sample_trial(space, recorder)
+    return recorder.seen
 
 
 def replay_trial(space: SearchSpace, params: dict[str, Any], seed: int | None = None) -> TrialConfig:
@@ -307,8 +558,9 @@ def load_space(path: str | Path) -> SearchSpace:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpaceError(f"{path}: not valid YAML: {exc}") from None
-    if raw is None:
-        raw = {}
+    if not raw:
+        raise SpaceError(f"{path}: the space is empty; give at least the methods to search (see space.yaml, and "
+                         "space/config.py for every key)")
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     try:

@@ -1,22 +1,38 @@
-"""The one table of metric directions: the search, the Pareto code and the dashboard all read it."""
+"""The one table of metrics: direction, label and kind. The search, the pruner, the Pareto code, the hypervolume and
+the dashboard all read it, so a new objective (a validation loss, say) works everywhere once it is listed here.
+
+Kinds:
+- ``rung``: measured on the validation split at every budget rung while a trial trains; the pruner compares
+  trials on it. A search needs one such objective (its "quality" objective).
+- ``size``: known in closed form before a trial trains (the trainable-parameter count), so the pruner can compare
+  a trial with the ones no larger, and ``search.max_trainable`` can reject it before it starts.
+- ``cost``: measured once a trial finishes (time, memory).
+- ``report``: reported, never optimised (test accuracy: choosing on the test split leaks it).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 Direction = Literal["max", "min"]
+Kind = Literal["rung", "size", "cost", "report"]
 
-METRICS: dict[str, tuple[Direction, str]] = {
-    "val_accuracy": ("max", "validation accuracy"),
-    "test_accuracy": ("max", "test accuracy (reported, never used to choose)"),
-    "trainable_params": ("min", "trainable parameters"),
-    "trainable_pct": ("min", "trainable parameters (% of model)"),
-    "train_seconds": ("min", "training time (s)"),
-    "peak_memory_mb": ("min", "peak memory (MB)"),
+METRICS: dict[str, tuple[Direction, str, Kind]] = {
+    "val_accuracy": ("max", "validation accuracy", "rung"),
+    "test_accuracy": ("max", "test accuracy (reported, never used to choose)", "report"),
+    "trainable_params": ("min", "trainable parameters", "size"),
+    "trainable_pct": ("min", "trainable parameters (% of model)", "size"),
+    "train_seconds": ("min", "training time (s)", "cost"),
+    "peak_memory_mb": ("min", "peak memory (MB)", "cost"),
 }
 
-# Metrics a search may optimise. Test accuracy is excluded on purpose: choosing on the test split leaks it.
-OBJECTIVE_METRICS = ("val_accuracy", "trainable_params", "trainable_pct", "train_seconds", "peak_memory_mb")
+# Metrics a search may optimise: every kind but ``report``.
+OBJECTIVE_METRICS = tuple(m for m, (_, _, kind) in METRICS.items() if kind != "report")
+
+# The trial states, one list: the same words in Optuna (the ``mps_state`` user attribute beside Optuna's own state),
+# in MLflow's ``mps.status`` tag, on the terminal and in the dashboard.
+TRIAL_STATES = ("running", "finished", "pruned", "failed", "interrupted", "duplicate", "rejected")
 
 
 def direction(metric: str) -> Direction:
@@ -28,3 +44,26 @@ def direction(metric: str) -> Direction:
 
 def label(metric: str) -> str:
     return METRICS[metric][1] if metric in METRICS else metric
+
+
+def kind(metric: str) -> Kind:
+    return METRICS[metric][2]
+
+
+def quality_metric(objectives: Sequence[str]) -> str:
+    """The objective measured at every rung (the one the pruner and the front's "best" use)."""
+    for m in objectives:
+        if m in METRICS and kind(m) == "rung":
+            return m
+    raise ValueError(f"objectives {list(objectives)} name no metric measured while training; add one of "
+                     f"{[m for m in METRICS if kind(m) == 'rung']}")
+
+
+def size_metric(objectives: Sequence[str]) -> str | None:
+    """The closed-form size objective, if the search has one."""
+    return next((m for m in objectives if m in METRICS and kind(m) == "size"), None)
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """``a`` is strictly better than ``b`` on ``metric``."""
+    return a > b if direction(metric) == "max" else a < b

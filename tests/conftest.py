@@ -44,13 +44,14 @@ def tiny_ids():
 
 def small_trial_yaml(methods: str = "lora_in_proj: {rank: 2}\n  a_log_delta: {}", steps: int = 6,
                      eval_every: int = 3, checkpoint: str = "embedded") -> str:
+    rungs = sorted({*range(eval_every, steps, eval_every), steps})
     return f"""
 model: {{checkpoint: {checkpoint}}}
 task: {{name: digits, shots_per_class: 2}}
 methods:
   {methods}
-training: {{steps: {steps}, final_steps: {steps}, batch_size: 8, learning_rate: 0.005, weight_decay: 0.0001,
-  warmup_fraction: 0.1, eval_every: {eval_every}, head_lr_mult: 1.0, grad_clip: 1.0}}
+training: {{rungs: {rungs}, batch_size: 8, learning_rate: 0.005, weight_decay: 0.0001,
+  warmup_fraction: 0.1, head_lr_mult: 1.0, grad_clip: 1.0}}
 seed: 0
 """
 

@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m trials.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="a trial config (e.g. from `python -m search.export`)")
-    p.add_argument("--steps", type=int, help="default: the config's training.steps")
+    p.add_argument("--steps", type=int, help="default: the config's budget (training.rungs[-1])")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a = p.parse_args(argv)
     cfg = TrialConfig.from_yaml(a.config.read_text(), where=str(a.config))
-    res = compare(cfg, a.steps or cfg.training.steps, a.seeds)
+    res = compare(cfg, a.steps or cfg.training.max_steps, a.seeds)
     print(f"\n{'':16} {'val (mean)':>11} {'test (mean)':>12}")
     for name, pairs in res.items():
         print(f"{name:16} {statistics.mean(v for v, _ in pairs):11.3f} {statistics.mean(t for _, t in pairs):12.3f}")

@@ -25,12 +25,8 @@ from trials.data import Split, TaskData
 from trials.methods import AppliedMethods, ModelDims, apply_methods, count_params
 from trials.methods.sdt import warmup_selection
 from trials.model import SequenceClassifier, load_base_model
+from trials.report import FINISHED, Report
 from trials.tasks import load_task
-
-Report = Callable[[dict[str, Any]], None]
-
-# Key of the final report; reports without it are intermediate (a stopped trial never sends it).
-FINISHED = "finished"
 
 
 @dataclass
@@ -231,16 +227,19 @@ def batches(split: Split, batch_size: int, generator: torch.Generator):
 
 def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | None = None,
               data: TaskData | None = None, built: BuiltTrial | None = None) -> TrialResult:
-    """Train ``cfg`` for ``steps`` (default: the search budget ``cfg.training.steps``) and evaluate it.
+    """Train ``cfg`` on its budget's schedule (``steps`` overrides the budget) and evaluate it.
 
-    ``report`` receives ``val_accuracy`` every ``eval_every`` steps, then a last report with every metric and
-    ``finished: True``.
+    The learning-rate schedule spans all ``steps``; validation happens at each rung of ``cfg.training.rungs``
+    up to ``steps``. ``report`` receives ``val_accuracy`` at every rung but the last, then one last report with
+    every metric and ``finished: True``. Whoever drives the trial may stop it between rung reports (the search's
+    pruner does), so the rung values are those of a trial on the full schedule.
     """
     device = trial_device()
     reset_peak_memory(device)
     built = built or build_trial(cfg, data, device)
     model, t = built.model, cfg.training
-    steps = steps or t.steps
+    steps = steps or t.max_steps
+    rungs = {r for r in t.rungs if r < steps} | {steps}
     opt = make_optimizer(built, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, t.warmup_fraction))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -266,7 +265,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
             sched.step()
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        if step % t.eval_every == 0 or step == steps:
+        if step in rungs:
             train_seconds += time.perf_counter() - t0
             val_acc = evaluate(model, built.data.val, device=device, precision=t.precision)
             point = {"step": step, "val_accuracy": val_acc, "train_loss": loss_sum / loss_n}

@@ -35,7 +35,7 @@ def _load_head(model: SequenceClassifier, tensors: dict[str, torch.Tensor]) -> N
 
 
 def train(cfg: TrialConfig, out: Path, steps: int | None = None, echo=print) -> dict:
-    steps = steps or cfg.training.final_steps
+    steps = steps or cfg.training.max_steps
     built = build_trial(cfg, device=trial_device())  # where run_trial trains it
     echo(f"training {cfg.summary()} for {steps} steps ({built.trainable_params:,} trainable parameters)")
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="a trial config, e.g. best.yaml from `python -m search.export`")
     p.add_argument("--out", type=Path, help="output directory (default outputs/<config file stem>)")
-    p.add_argument("--steps", type=int, help="override training.final_steps")
+    p.add_argument("--steps", type=int, help="override the budget (training.rungs[-1], the schedule the search ranked)")
     a = p.parse_args(argv)
     if not a.config.exists():
         print(f"error: {a.config}: no such file", file=sys.stderr)

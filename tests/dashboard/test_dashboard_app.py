@@ -38,7 +38,7 @@ TRIALS = [
     ("trial-001", results.STATUS_FINISHED, 0.90, 5000, 8, True),
     ("trial-002", results.STATUS_FINISHED, 0.80, 1000, 2, False),
     ("trial-003", results.STATUS_FINISHED, 0.70, 3000, 4, False),  # dominated by trial-002
-    ("trial-004", results.STATUS_STOPPED, 0.95, 500, 1, False),  # would dominate all, but was stopped early
+    ("trial-004", results.STATUS_PRUNED, 0.95, 500, 1, False),  # would dominate all, but was pruned
     ("trial-005", results.STATUS_FAILED, 0.99, 100, None, True),  # would dominate all, but failed
     ("trial-006", results.STATUS_FINISHED, 0.60, 400, None, False),
 ]
@@ -102,7 +102,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     c.create_experiment(EMPTY_EXPERIMENT, artifact_location=art)
     exp = c.create_experiment(UNFINISHED_EXPERIMENT, artifact_location=art)
     parent = _search(c, exp, "all-stopped", now)
-    _trial(c, exp, parent, "trial-001", results.STATUS_STOPPED, {"val_accuracy": 0.4}, _config(2, False, 0))
+    _trial(c, exp, parent, "trial-001", results.STATUS_PRUNED, {"val_accuracy": 0.4}, _config(2, False, 0))
     _trial(c, exp, parent, "trial-002", results.STATUS_FAILED, {}, _config(None, True, 1))
     return built
 
@@ -163,7 +163,7 @@ def test_searches_are_offered_newest_first_with_the_newest_selected(store: Store
 
 def test_every_trial_is_plotted_under_its_status(store: Store, run_app) -> None:
     at = run_app(store.uri)
-    plotted = {name: set(_trace(at, name)["text"]) for name in ("finished", "stopped", "failed")}
+    plotted = {name: set(_trace(at, name)["text"]) for name in ("finished", "pruned", "failed")}
     assert plotted == {status: {t[0] for t in TRIALS if t[1] == status} for status in plotted}
 
 
@@ -189,7 +189,8 @@ def test_trial_table_marks_exactly_the_pareto_trials(store: Store, run_app) -> N
 
 def test_trial_counts_by_status_are_shown(store: Store, run_app) -> None:
     counts = {m.label: m.value for m in run_app(store.uri).metric}
-    assert counts == {"finished": "4", "stopped": "1", "failed": "1", "running": "0"}
+    assert counts == {"finished": "4", "pruned": "1", "failed": "1", "running": "0", "interrupted": "0",
+                      "duplicate": "0", "rejected": "0"}
 
 
 def test_default_trial_is_the_most_accurate_pareto_trial(store: Store, run_app) -> None:

@@ -6,36 +6,41 @@ import subprocess
 import sys
 import uuid
 
+import optuna
 import pytest
 import torch
 
 from search import results
 from search.export import main as export_main
+from search.pruners import RUNG_ATTR
 from search.run import main as search_main
+from space.metrics import TRIAL_STATES
 from tests.conftest import IN_CI, REPO
 from trials.train import load_trained
 from trials.train import main as train_main
 
 SPACE = """
 name: e2e
-model: {{checkpoint: embedded}}
+model: {{checkpoint: embedded, pooling: {{choices: [last, mean]}}}}
 task: {{name: digits, shots_per_class: 2}}
 methods:
   lora_in_proj: {{enabled: search, rank: {{choices: [1, 2]}}}}
   a_log_delta: {{enabled: search}}
-training: {{steps: 6, final_steps: 4, batch_size: 8, eval_every: 2}}
+  d_delta: {{enabled: search}}
+training: {{budget: {{min_steps: 2, max_steps: 8, reduction_factor: 2}}, batch_size: 8}}
 search:
   num_trials: {trials}
-  concurrency: 2
-  early_stopping: {{enabled: true, grace_period: 1, reduction_factor: 2}}
+  concurrency: {concurrency}
+  pruner: {{name: pareto, min_peers: 2, min_better: 1, margin: 0.0}}
+  reevaluate: {{top: 1, seeds: 1}}
   results_dir: {results}
 {extra}
 """
 
 
-def run_search(tmp_path, trials: int = 3, extra: str = "") -> str:
+def run_search(tmp_path, trials: int = 3, extra: str = "", concurrency: int = 2) -> str:
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(trials=trials, results=tmp_path / "runs", extra=extra))
+    space.write_text(SPACE.format(trials=trials, results=tmp_path / "runs", extra=extra, concurrency=concurrency))
     assert search_main([str(space), "--quiet"]) == 0
     return str(space)
 
@@ -45,29 +50,59 @@ def check_search_and_export(tmp_path, uri: str, trials: int) -> None:
     info = results.latest_search(c, "mamba-peft-search")
     assert info["status"] == results.STATUS_FINISHED
     df = results.trials(c, "mamba-peft-search", info["run_id"])
-    assert len(df) == trials
-    assert set(df.status) <= {results.STATUS_FINISHED, results.STATUS_STOPPED}
+    searched = df[df.phase != results.REEVALUATE]
+    assert len(searched) == trials
+    assert set(df.status) <= set(TRIAL_STATES) - {"running", "interrupted"}
     finished = df[df.status == results.STATUS_FINISHED]
     assert not finished.empty and finished.test_accuracy.notna().all()
-    for run_id in df.run_id:  # every trial has its config and a validation curve
+    for run_id in df[df.status.isin(["finished", "pruned"])].run_id:  # trained: a config and a curve
         assert results.trial_config_text(c, run_id).startswith("model:")
         assert c.get_metric_history(run_id, "val_accuracy")
+    assert (df[df.phase == results.REEVALUATE].status == "finished").all()
+    assert c.get_metric_history(info["run_id"], "hypervolume")
 
     best = tmp_path / "best.yaml"
     assert export_main(["--tracking-uri", uri, "-o", str(best)]) == 0
     front = results.pareto(df, ["val_accuracy", "trainable_params"])
     assert f"run {front.iloc[0].run_id}" in best.read_text().splitlines()[0]
+    assert set(front.status) == {"finished"} and results.REEVALUATE not in set(front.phase)
+
+
+def optuna_trials(storage: str, names: list[str]) -> list:
+    import optuna
+
+    return [t for name in names for t in optuna.load_study(study_name=name, storage=storage).trials]
 
 
 @pytest.mark.slow
-def test_search_logs_every_trial_then_export_and_train_the_best(tmp_path):
-    run_search(tmp_path)
+def test_two_stage_search_with_pruning_logs_every_trial_then_export_and_train_the_best(tmp_path):
+    extra = "  strategy: two_stage\n  stage1_trials: 4\n  study_name: e2e-study\n"
+    run_search(tmp_path, trials=8, extra=extra, concurrency=1)
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    check_search_and_export(tmp_path, uri, 3)
+    check_search_and_export(tmp_path, uri, 8)
+
+    c = results.client(uri)
+    df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+    assert set(df.phase) == {"stage1", "stage2", "reevaluate"}
+    assert (df.phase == "stage1").sum() == 4 and (df.phase == "stage2").sum() == 4
+    # Optuna and MLflow hold the same trials in the same words.
+    studies = optuna_trials(f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}", ["e2e-study-stage1", "e2e-study-stage2"])
+    assert len(studies) == 8
+    by_number = {f"trial-{t.user_attrs['mps_number']:03d}": t for t in studies}
+    for _, row in df[df.phase != results.REEVALUATE].iterrows():
+        assert by_number[row.trial].user_attrs["mps_state"] == row.status
+        if row.status in ("finished", "pruned"):
+            assert by_number[row.trial].user_attrs[RUNG_ATTR]  # the rung values reached the study
+    assert (df.status == "pruned").sum() >= 1  # margin 0 and min_better 1: a no-larger trial at least as good
+    pruned = [t for t in studies if t.user_attrs["mps_state"] == "pruned"]
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in pruned)
 
     out = tmp_path / "trained"
     assert train_main([str(tmp_path / "best.yaml"), "--out", str(out)]) == 0
     assert (out / "adapter" / "adapter.safetensors").exists() and (out / "metrics.json").exists()
+    import json
+
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8  # the schedule the search ranked
     ids = torch.randint(259, 276, (3, 64))
     lengths = torch.full((3,), 64)
     with torch.no_grad():
@@ -75,6 +110,65 @@ def test_search_logs_every_trial_then_export_and_train_the_best(tmp_path):
         if (out / "merged").exists():
             merged = load_trained(out, merged=True)(ids, lengths)
             assert ((merged - adapted).abs().max() / adapted.abs().max()) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_space_with_nothing_searched_trains_its_configuration_once(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(f"""
+model: {{checkpoint: embedded}}
+task: {{name: digits, shots_per_class: 2}}
+methods: {{lora_in_proj: {{enabled: true, rank: 1}}}}
+training: {{budget: {{min_steps: 2, max_steps: 4}}, batch_size: 8}}
+search: {{num_trials: 12, reevaluate: {{top: 0}}, results_dir: {tmp_path / 'runs'}}}
+""")
+    assert search_main([str(space)]) == 0
+    assert "nothing is searched" in capsys.readouterr().out
+    c = results.client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+    assert len(df) == 1 and list(df.status) == ["finished"]
+
+
+def test_an_empty_space_exits_2_and_starts_nothing(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("\n")
+    proc = subprocess.run([sys.executable, "-m", "search.run", str(space)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "the space is empty" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_dimensions_sizes_and_cost_without_ray(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.format(trials=5, results=tmp_path / "runs", extra="  max_trainable: 3000",
+                                  concurrency=2))
+    assert search_main([str(space), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "149,312 parameters" in out and "10 classes" in out
+    for name in ("lora_in_proj.enabled", "lora_in_proj.rank", "a_log_delta.enabled", "model.pooling"):
+        assert f"  {name}: " in out
+    assert "trainable parameters (closed form, head included" in out and "650 (0.44%)" in out
+    assert "search.max_trainable 3,000:" in out and "would be rejected" in out
+    assert "a training step takes" in out and "min of training" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_end_of_search_table_fits_120_columns_whatever_the_methods():
+    import pandas as pd
+
+    from search.run import format_front
+
+    methods = " + ".join(f"{name}(r=16)" for name in ("lora_in_proj", "lora_x_proj", "lora_out_proj", "lora_dt_proj",
+                                                        "lora_embeddings", "prodial_in_proj", "parallel_adapter"))
+    front = pd.DataFrame({"trial": ["trial-001", "trial-002"], "methods": [methods, "head only"],
+                          "val_accuracy": [0.71, 0.5], "trainable_params": [1_234_567, 650],
+                          "test_accuracy": [0.7, 0.49], "seeds": [3, 1], "val_accuracy_mean": [0.7, 0.5],
+                          "val_accuracy_std": [0.01, float("nan")], "test_accuracy_mean": [0.69, 0.49],
+                          "noise": ["", ""]})
+    table = format_front(front, ["val_accuracy", "trainable_params"])
+    assert max(len(line) for line in table.splitlines()) <= 120
+    assert "0.700\u00b10.010" in table and "1,234,567" in table and "\u2026" in table
 
 
 def test_invalid_space_exits_2_and_starts_nothing(tmp_path):
@@ -131,12 +225,10 @@ def test_search_with_optuna_and_mlflow_on_postgresql(tmp_path):
     try:
         extra = f"  optuna_storage: {optuna_url}\n  study_name: pg-study\ntracking: {{uri: '{mlflow_url}'}}\n"
         # `extra` continues the `search:` block, then opens `tracking:`
-        run_search(tmp_path, trials=2, extra=extra)
-        check_search_and_export(tmp_path, mlflow_url, 2)
-        import optuna
-
+        run_search(tmp_path, trials=3, extra=extra)
+        check_search_and_export(tmp_path, mlflow_url, 3)
         study = optuna.load_study(study_name="pg-study", storage=optuna_url)
-        assert len(study.trials) == 2
+        assert len(study.trials) == 3
     finally:
         with conn.cursor() as cur:
             for name in (optuna_db, mlflow_db):

@@ -28,10 +28,10 @@ def test_rows_missing_an_objective_are_skipped():
     assert pareto_indices(rows, ["val_accuracy", "trainable_params"]) == [1]
 
 
-def test_stopped_and_failed_trials_never_reach_the_front():
+def test_pruned_and_failed_trials_never_reach_the_front():
     df = pd.DataFrame([
         {"trial": "a", "status": "finished", "val_accuracy": 0.6, "trainable_params": 100},
-        {"trial": "b", "status": "stopped", "val_accuracy": 0.9, "trainable_params": 10},
+        {"trial": "b", "status": "pruned", "val_accuracy": 0.9, "trainable_params": 10},
         {"trial": "c", "status": "failed", "val_accuracy": 0.95, "trainable_params": 5},
         {"trial": "d", "status": "finished", "val_accuracy": 0.7, "trainable_params": 1000},
     ])

@@ -1,64 +1,251 @@
+"""The searcher's phases and decisions, driven by hand as Ray would drive it: no Ray processes, in-memory Optuna."""
+
 from __future__ import annotations
 
-import math
+import subprocess
+import sys
 
 import optuna
 import pytest
+import yaml
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
-from search.run import make_scheduler
-from search.searcher import FinalResultOptunaSearch, make_searcher
-from space.config import SearchSpace, load_space
+from search.pruners import RUNG_ATTR
+from search.searcher import STATE_ATTR, PeftSearcher, make_sampler
+from space.config import SearchSpace, TrialConfig, sample_trial
+from space.stages import DROP
 from tests.conftest import REPO
-from trials.run import FINISHED
+from trials.report import FINISHED
 
 
-def searcher_for(tmp_path) -> FinalResultOptunaSearch:
+def make_space(extra: dict | None = None, methods: dict | None = None) -> SearchSpace:
+    data = {
+        "model": {"checkpoint": "embedded"},
+        "task": {"name": "digits", "shots_per_class": 2},
+        "methods": methods or {"lora_in_proj": {"enabled": "search", "rank": {"choices": [1, 2]}},
+                               "a_log_delta": {"enabled": "search"}},
+        "training": {"budget": {"min_steps": 2, "max_steps": 8, "reduction_factor": 2}},
+        "search": {"num_trials": 6, "sampler": "random", "reevaluate": {"top": 0}},
+    }
+    for key, value in (extra or {}).items():
+        data[key] = {**data.get(key, {}), **value}
+    return SearchSpace.model_validate(data)
+
+
+class Sizes:
+    """Closed form stand-in: the head (650) plus 1,000 per method and 500 per rank unit."""
+
+    def trainable(self, cfg: TrialConfig) -> int:
+        return 650 + sum(1000 + 500 * getattr(m, "rank", 0) for m in cfg.methods.values())
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str, str, str]] = []
+        self.volumes: list[tuple[int, float]] = []
+
+    def settled(self, number, phase, cfg, params, state, metrics, note) -> None:
+        self.calls.append((number, phase, state, note))
+
+    def hypervolume(self, completed: int, value: float) -> None:
+        self.volumes.append((completed, value))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def searcher_for(space: SearchSpace, limit: int | None = None, clock=None) -> tuple[PeftSearcher, Recorder]:
+    recorder = Recorder()
+    s = PeftSearcher(space, optuna.storages.InMemoryStorage(), "s", Sizes(), limit, 100_000, recorder,
+                     echo=lambda line: None, **({"clock": clock} if clock else {}))
+    return s, recorder
+
+
+def finish(s: PeftSearcher, tid: str, accuracy: float) -> None:
+    size = s.live[tid].size
+    s.on_trial_complete(tid, result={FINISHED: True, "val_accuracy": accuracy, "trainable_params": size,
+                                     "test_accuracy": accuracy - 0.01, "step": 8})
+
+
+def states(s: PeftSearcher, phase: int = 0) -> list[str]:
+    study = s.phases[phase].study
+    assert study is not None
+    return [t.user_attrs.get(STATE_ATTR) for t in study.trials]
+
+
+def test_a_configuration_that_finished_is_never_trained_again():
+    # One configuration only: the one searched dimension has a single choice.
+    space = make_space(methods={"lora_in_proj": {"enabled": True, "rank": {"choices": [1]}}})
+    s, rec = searcher_for(space)
+    first = s.suggest("t1")
+    assert isinstance(first, dict)
+    finish(s, "t1", 0.5)
+    assert s.suggest("t2") == Searcher.FINISHED  # every later proposal is the same configuration: settled
+    assert [state for _, _, state, _ in rec.calls] == ["duplicate"] * 5
+    study = s.phases[0].study
+    assert study is not None
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
+    assert all(t.values == [0.5, first["trainable_params"]] for t in study.trials)
+    assert "same configuration as trial-001" in rec.calls[0][3]
+
+
+def test_a_duplicate_of_a_failed_trial_is_trained():
+    s, rec = searcher_for(make_space(methods={"lora_in_proj": {"enabled": True, "rank": {"choices": [1]}}}))
+    assert isinstance(s.suggest("t1"), dict)
+    s.on_trial_complete("t1", error=True)
+    assert isinstance(s.suggest("t2"), dict)  # the same configuration, trained: its first try failed
+    assert rec.calls == []
+    assert states(s)[:2] == ["failed", "running"]
+
+
+def test_configurations_above_max_trainable_are_rejected_before_training_and_told_to_the_sampler():
+    space = make_space(methods={"lora_in_proj": {"enabled": "search", "rank": {"choices": [1, 2]}}})
+    s, rec = searcher_for(space, limit=2000)  # head 650 + LoRA r1 1,500 = 2,150: every LoRA trial is too large
+    launched = []
+    for i in range(6):
+        config = s.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            break
+        if isinstance(config, dict):
+            launched.append(TrialConfig.model_validate_json(config["trial"]))
+            finish(s, f"t{i}", 0.3)
+    assert all(not cfg.methods for cfg in launched)  # only head-only configurations reached Ray
+    rejected = [t for t in s.phases[0].study.trials if t.user_attrs.get(STATE_ATTR) == "rejected"]
+    assert rejected and all(t.state == TrialState.PRUNED for t in rejected)
+    assert all(t.constraints["max_trainable"] > 0 for t in rejected)  # infeasible, for TPE, NSGA-II and GP
+    assert {note.split(" trainable")[0] for *_, note in rec.calls if "above" in note} <= {"2,150", "2,650"}
+
+
+def test_rung_values_reach_the_study_and_its_pruner_stops_a_trial():
+    space = make_space({"search": {"pruner": {"name": "pareto", "min_peers": 2, "min_better": 1, "margin": 0.05},
+                                   "concurrency": 6}})
+    s, _ = searcher_for(space)
+    ids = [tid for tid in ("a", "b") if isinstance(s.suggest(tid), dict)]
+    assert ids == ["a", "b"]
+    small, large = sorted(ids, key=lambda t: s.live[t].size)
+    assert not s.rung(small, {"step": 2, "val_accuracy": 0.6, FINISHED: False})
+    assert s.rung(large, {"step": 2, "val_accuracy": 0.3, FINISHED: False})  # a no-larger trial: 0.3 better
+    study = s.phases[0].study
+    frozen = {t.user_attrs["mps_number"]: t for t in study.trials}
+    assert frozen[s.live[large].number].user_attrs[RUNG_ATTR] == {"2": 0.3}
+    s.on_trial_complete(large, result={"step": 2, "val_accuracy": 0.3, FINISHED: False})
+    assert s.state_of(large) == "pruned"
+    assert s.steps_saved == 8 - 2
+    pruned_trial = [t for t in study.trials if t.user_attrs.get(STATE_ATTR) == "pruned"]
+    assert len(pruned_trial) == 1 and pruned_trial[0].state == TrialState.PRUNED
+
+
+def test_a_trial_stopped_without_a_pruning_decision_is_interrupted_not_complete():
+    s, _ = searcher_for(make_space())
+    s.suggest("t1")
+    s.on_trial_complete("t1", result={"val_accuracy": 0.99, "trainable_params": 1, FINISHED: False, "step": 2})
+    assert states(s)[0] == "interrupted"
+    assert s.phases[0].study.trials[0].state == TrialState.FAIL
+
+
+def test_two_stage_hands_the_methods_of_the_most_accurate_stage1_trial_to_stage2():
+    methods = {"lora_in_proj": {"enabled": "search", "rank": {"choices": [2, 4]}},
+               "a_log_delta": {"enabled": "search"}, "d_delta": {"enabled": "search"}}
+    space = make_space({"search": {"strategy": "two_stage", "num_trials": 10, "stage1_trials": 4,
+                                   "concurrency": 10}}, methods=methods)
+    s, _ = searcher_for(space)
+    configs = {}
+    for i in range(4):
+        config = s.suggest(f"s1-{i}")
+        if isinstance(config, dict):
+            configs[f"s1-{i}"] = TrialConfig.model_validate_json(config["trial"])
+    assert all(cfg.methods.get("lora_in_proj", None) is None or cfg.methods["lora_in_proj"].rank == 2
+               for cfg in configs.values())  # stage 1: the smallest size
+    assert s.suggest("wait") is None  # stage 2 needs stage 1's results
+    best = max(configs, key=lambda t: (len(configs[t].methods), t))
+    for tid in configs:
+        finish(s, tid, 0.9 if tid == best else 0.2)
+    chosen = set(configs[best].methods)
+    seen_drop = set()
+    for i in range(6):
+        config = s.suggest(f"s2-{i}")
+        if config == Searcher.FINISHED:
+            break
+        if isinstance(config, dict):
+            assert config["phase"] == "stage2"
+            cfg = TrialConfig.model_validate_json(config["trial"])
+            assert set(cfg.methods) <= chosen and len(chosen - set(cfg.methods)) <= 1  # may drop one
+            seen_drop.add(config["params"].get(DROP, "none"))
+            finish(s, f"s2-{i}", 0.5)
+    assert s.stage1_selection == list(configs[best].methods)
+    assert s.phases[1].study is not None and s.phases[1].study.study_name == "s-stage2"
+
+
+def test_reevaluation_trains_the_top_front_configurations_with_new_seeds():
+    space = make_space({"search": {"num_trials": 3, "reevaluate": {"top": 2, "seeds": 2}, "concurrency": 3}})
+    s, _ = searcher_for(space)
+    launched = {}
+    for i in range(3):
+        config = s.suggest(f"t{i}")
+        if isinstance(config, dict):
+            launched[f"t{i}"] = config
+    for i, tid in enumerate(launched):
+        finish(s, tid, 0.4 + 0.1 * i)
+    again = []
+    while (config := s.suggest(f"r{len(again)}")) not in (None, Searcher.FINISHED):
+        again.append(config)
+        finish(s, f"r{len(again) - 1}", 0.5)
+    front = {row["number"] for row in s._front()[:2]}
+    assert {c["reevaluates"] for c in again} == front
+    assert sorted(TrialConfig.model_validate_json(c["trial"]).seed for c in again) == [1, 1, 2, 2][: len(again)]
+    assert all(c["phase"] == "reevaluate" and c["params"] == {} for c in again)
+    assert s.suggest("end") == Searcher.FINISHED
+
+
+def test_the_time_budget_stops_starting_trials_and_says_why():
+    clock = Clock()
+    s, _ = searcher_for(make_space({"search": {"time_budget": "10m"}}), clock=clock)
+    assert isinstance(s.suggest("t1"), dict)
+    clock.now = 400.0
+    finish(s, "t1", 0.5)  # a trial takes 400 s; 400 + 400 > 600
+    assert s.suggest("t2") == Searcher.FINISHED
+    assert s.stop_reason is not None and "time budget 600 s" in s.stop_reason
+
+
+def test_enqueued_configurations_are_evaluated_first():
+    enqueue = [{"lora_in_proj.enabled": True, "lora_in_proj.rank": 2, "a_log_delta.enabled": False}]
+    s, _ = searcher_for(make_space({"search": {"enqueue": enqueue, "sampler": "tpe"}}))
+    config = s.suggest("t1")
+    assert isinstance(config, dict)
+    cfg = TrialConfig.model_validate_json(config["trial"])
+    assert set(cfg.methods) == {"lora_in_proj"} and cfg.methods["lora_in_proj"].rank == 2
+
+
+@pytest.mark.parametrize(("name", "cls"), [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"),
+                                            ("gp", "GPSampler"), ("random", "RandomSampler"),
+                                            ("grid", "GridSampler")])
+def test_every_sampler_is_built_and_seeded(name, cls):
+    space = make_space({"search": {"sampler": name}, "training": {"learning_rate": 0.003}})
+    sampler = make_sampler(space, seed=3)
+    assert type(sampler).__name__ == cls
+    drawn = []
+    for _ in range(2):
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(space, seed=3))
+        drawn.append([sample_trial(space, study.ask()).model_dump() for _ in range(3)])
+    assert drawn[0] == drawn[1]
+
+
+def test_the_search_driver_imports_no_torch():
+    code = ("import sys, search.run, search.searcher, search.tracking, search.results, search.export; "
+            "from search.run import main; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_the_repo_space_validates_and_its_rungs_end_at_the_budget():
+    from space.config import load_space
+
     space = load_space(REPO / "space.yaml")
-    return make_searcher(space, "s", f"sqlite:///{tmp_path / 'optuna.db'}")
-
-
-def state_of(searcher, trial_id: str):
-    study = optuna.load_study(study_name="s", storage=searcher._storage)
-    return {t.number: t.state for t in study.trials}[searcher._ot_trials[trial_id].number]
-
-
-def test_trial_stopped_before_its_final_report_is_pruned_not_complete(tmp_path):
-    s = searcher_for(tmp_path)
-    s.suggest("t1")
-    s.on_trial_complete("t1", result={"val_accuracy": 0.99, "trainable_params": 1, FINISHED: False})
-    assert state_of(s, "t1") == optuna.trial.TrialState.PRUNED
-
-
-def test_finished_trial_is_told_with_both_objectives(tmp_path):
-    s = searcher_for(tmp_path)
-    s.suggest("t1")
-    s.on_trial_complete("t1", result={"val_accuracy": 0.5, "trainable_params": 123, FINISHED: True})
-    study = optuna.load_study(study_name="s", storage=s._storage)
-    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
-    assert study.trials[0].values == [0.5, 123]
-    assert study.best_trials[0].number == 0
-
-
-def test_errored_trial_is_failed(tmp_path):
-    s = searcher_for(tmp_path)
-    s.suggest("t1")
-    s.on_trial_complete("t1", result=None, error=True)
-    assert state_of(s, "t1") == optuna.trial.TrialState.FAIL
-
-
-def test_searcher_pickles_for_ray_checkpoints(tmp_path):
-    s = searcher_for(tmp_path)
-    s.suggest("t1")
-    s.save(str(tmp_path / "searcher.pkl"))
-    assert (tmp_path / "searcher.pkl").stat().st_size > 0
-
-
-@pytest.mark.parametrize("steps, every, grace, expected", [(120, 30, 2, "AsyncHyperBandScheduler"),
-                                                           (60, 30, 2, "FIFOScheduler")])
-def test_early_stopping_uses_asha_only_when_there_are_rungs_past_the_grace_period(steps, every, grace, expected):
-    space = SearchSpace.model_validate({"training": {"steps": steps, "eval_every": every},
-                                        "search": {"early_stopping": {"grace_period": grace}}})
-    sched = make_scheduler(space)
-    assert type(sched).__name__ == expected
-    if expected.startswith("Async"):
-        assert sched._max_t == math.ceil(steps / every)
+    rungs = space.training.budget.steps()
+    assert rungs[-1] == space.training.budget.max_steps and rungs == sorted(rungs)
+    assert yaml.safe_load((REPO / "space.yaml").read_text())["search"]["pruner"] == "pareto"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from space.config import SearchSpace, SpaceError, TrialConfig, load_space, replay_trial, sample_trial
+from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space, replay_trial, sample_trial
 from space.methods import METHOD_SPACES
 from tests.conftest import REPO
 
@@ -27,8 +27,13 @@ def test_repository_default_space_is_valid():
     assert [o.metric for o in space.objectives] == ["val_accuracy", "trainable_params"]
 
 
-def test_empty_file_gives_the_documented_defaults(tmp_path):
-    space = load_space(write(tmp_path, ""))
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}"])
+def test_an_empty_space_is_an_error(tmp_path, text):
+    assert "the space is empty" in error_of(tmp_path, text)
+
+
+def test_a_space_with_only_a_name_has_the_documented_defaults(tmp_path):
+    space = load_space(write(tmp_path, "name: search"))
     assert space == SearchSpace()
 
 
@@ -44,7 +49,27 @@ def test_empty_file_gives_the_documented_defaults(tmp_path):
     ("objectives: [{metric: test_accuracy}]", "test accuracy is reported, never optimised"),
     ("objectives: [{metric: val_accuracy, direction: min}]", "val_accuracy is to be maximised"),
     ("task: {name: csv}", "space.yaml: task: task 'csv' needs files.train"),
-    ("training: {steps: 10, eval_every: 20}", "eval_every 20 is above training.steps 10"),
+    ("training: {steps: 120}", "training.steps: was replaced by training.budget.max_steps"),
+    ("training: {final_steps: 400}", "training.final_steps: was replaced by training.budget.max_steps"),
+    ("training: {eval_every: 30}", "training.eval_every: was replaced by training.budget.min_steps"),
+    ("search: {early_stopping: {enabled: true}}", "search.early_stopping: was replaced by search.pruner"),
+    ("training: {budget: {min_steps: 100, max_steps: 50}}", "training.budget.min_steps: 100 is above max_steps 50"),
+    ("training: {budget: {max_steps: 50, rungs: [10, 40]}}", "the last rung 40 must be max_steps 50"),
+    ("training: {budget: {max_steps: 50, rungs: [30, 10, 50]}}", "must be distinct positive steps in increasing"),
+    ("search: {pruner: asha}", "search.pruner.name: Input should be 'pareto', 'median'"),
+    ("search: {sampler: cmaes}", "search.sampler: Input should be 'tpe', 'nsga2', 'gp', 'random' or 'grid'"),
+    ("search: {time_budget: soon}", "search.time_budget: 'soon' is not a duration"),
+    ("search: {time_budget: -5}", "search.time_budget: -5 is not a positive duration"),
+    ("search: {max_trainable: 0}", "search.max_trainable: 0 is neither a parameter count"),
+    ("search: {max_trainable: '150%'}", "search.max_trainable: '150%': a percentage must be above 0"),
+    ("search: {strategy: two_stage, num_trials: 8, stage1_trials: 8}", "stage1_trials: 8 leaves no trial"),
+    ("search: {stage1_trials: 4}", "search.stage1_trials: only with strategy two_stage"),
+    ("methods: {lora_in_proj: {enabled: search}}\nsearch: {enqueue: [{lora_in_proj.rnk: 2}]}",
+     "search.enqueue.0: 'lora_in_proj.rnk' is not a searched parameter"),
+    ("methods: {lora_in_proj: {enabled: search, scale: {low: 0.1, high: 1.0}}}\nsearch: {sampler: grid}",
+     "search.sampler: grid needs every searched value to be a list of choices; lora_in_proj.scale is a range"),
+    ("objectives: [{metric: trainable_params}]", "objectives: objectives ['trainable_params'] name no metric"),
+    ("model: {pooling: {choices: [last, max]}}", "model.pooling: choice 'max' is not one of last, mean"),
     ("- just\n- a list", "the top level must be a mapping"),
     ("model: [unclosed", "not valid YAML"),
 ])
@@ -96,10 +121,11 @@ def test_trial_config_round_trips_through_yaml():
     space = load_space(REPO / "space.yaml")
     cfg = replay_trial(space, {"lora_in_proj.enabled": True, "lora_in_proj.rank": 4, "lora_in_proj.scale": 0.5,
                                "lora_in_proj.lr_mult": 1.0, "a_log_delta.enabled": False,
-                               "training.learning_rate": 0.004})
+                               "training.learning_rate": 0.004, "model.pooling": "mean"})
     again = TrialConfig.from_yaml(cfg.to_yaml())
     assert again == cfg
-    assert again.methods["lora_in_proj"].rank == 4
+    assert again.methods["lora_in_proj"].rank == 4 and again.model.pooling == "mean"
+    assert again.training.rungs == space.training.budget.steps()
 
 
 def test_bad_trial_config_names_the_file_and_key():
@@ -112,7 +138,7 @@ def test_example_spaces_are_valid_and_sample_every_method():
         space = load_space(path)
         params = {f"{name}.enabled": True for name in space.methods}
         params.update({"lora_in_proj.dora": True, "training.learning_rate": 0.003,
-                       "prompt_tuning.position": "prefix_suffix"})
+                       "prompt_tuning.position": "prefix_suffix", "model.pooling": "mean"})
         cfg = replay_trial(space, params)
         assert set(cfg.methods) == {n for n, m in space.methods.items() if m.enabled is not False}, path.name
         assert cfg.methods["lora_in_proj"].dora is True
@@ -128,3 +154,58 @@ def test_a_searched_boolean_rejects_non_booleans(tmp_path):
     text = "methods: {lora_in_proj: {dora: maybe}}"
     assert "methods.lora_in_proj.dora: expected true, false or a mapping with 'choices'" in error_of(tmp_path, text)
 
+
+
+def test_an_old_trial_config_is_refused_naming_the_new_key():
+    with pytest.raises(SpaceError, match=r"best.yaml: training.final_steps: was replaced by training.budget"):
+        TrialConfig.from_yaml("model: {}\ntask: {}\ntraining: {final_steps: 400}\n", where="best.yaml")
+
+
+@pytest.mark.parametrize(("budget", "rungs"), [
+    ({"min_steps": 60, "max_steps": 480}, [60, 120, 240, 480]),
+    ({"min_steps": 50, "max_steps": 480, "reduction_factor": 3}, [50, 150, 450, 480]),
+    ({"min_steps": 480, "max_steps": 480}, [480]),
+    ({"max_steps": 90, "rungs": [10, 30, 90]}, [10, 30, 90]),
+])
+def test_budget_rungs_are_geometric_and_end_at_the_maximum(budget, rungs):
+    space = SearchSpace.model_validate({"training": {"budget": budget}})
+    assert space.training.budget.steps() == rungs
+    assert sample_trial(space, optuna.trial.FixedTrial({})).training.rungs == rungs
+
+
+def test_pooling_is_searched_like_a_learning_rate():
+    space = SearchSpace.model_validate({"model": {"pooling": {"choices": ["last", "mean"]}}})
+    assert replay_trial(space, {"model.pooling": "mean"}).model.pooling == "mean"
+    assert "model.pooling" in dimensions(space)
+
+
+def test_dimensions_lists_every_searched_parameter_of_every_method_that_may_be_on():
+    space = SearchSpace.model_validate({"methods": {
+        "lora_in_proj": {"enabled": "search", "rank": {"choices": [1, 2]}, "scale": 0.5},
+        "a_log_delta": {"enabled": True, "lr_mult": {"low": 0.1, "high": 1.0, "log": True}},
+        "d_delta": {"enabled": False, "lr_mult": {"low": 0.1, "high": 1.0}}},
+        "training": {"learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}})
+    assert set(dimensions(space)) == {"lora_in_proj.enabled", "lora_in_proj.rank", "a_log_delta.lr_mult",
+                                      "training.learning_rate"}
+
+
+def test_time_budget_and_max_trainable_accept_units():
+    s = SearchSpace.model_validate({"search": {"time_budget": "1.5h", "max_trainable": "2%"}}).search
+    assert s.time_budget == 5400 and s.max_trainable == "2.0%"
+    plain = SearchSpace.model_validate({"search": {"time_budget": 90, "max_trainable": 5000}}).search
+    assert plain.time_budget == 90 and plain.max_trainable == 5000
+
+
+def test_stage1_pins_sizes_to_the_smallest_and_searches_only_the_switches():
+    from space.stages import stage1_space
+
+    space = SearchSpace.model_validate({"methods": {
+        "lora_in_proj": {"enabled": True, "rank": {"choices": [8, 2, 4]}, "scale": {"low": 0.1, "high": 1.6,
+                                                                                   "log": True}},
+        "a_log_delta": {"enabled": "search"}, "d_delta": {"enabled": False}},
+        "training": {"learning_rate": {"low": 1e-3, "high": 1e-2}}})
+    stage1 = stage1_space(space)
+    assert set(dimensions(stage1)) == {"lora_in_proj.enabled", "a_log_delta.enabled"}
+    assert stage1.methods["lora_in_proj"].rank == 2 and abs(stage1.methods["lora_in_proj"].scale - 0.4) < 1e-9
+    assert abs(stage1.training.learning_rate - 5.5e-3) < 1e-12
+    assert "d_delta" not in stage1.methods

@@ -1,0 +1,67 @@
+"""What the search must know about its model and task before any trial trains: the closed-form trainable count of
+a configuration, the base model's size, the number of classes, and the time of a training step.
+
+The search driver imports no torch; it runs a ``Probe`` in a Ray actor (``search.searcher``), and
+``python -m search.run --dry-run`` runs one in-process. Opening the checkpoint's config and the task here, once,
+also makes a bad checkpoint or data file an error before the first trial starts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from space.config import ModelSpec, TaskSpec, TrialConfig
+from trials.data import TaskData
+from trials.methods import ModelDims
+from trials.model import resolve_checkpoint
+from trials.run import build_trial, expected_trainable, make_optimizer, quiet_transformers, trial_device
+from trials.tasks import load_task
+
+
+class Probe:
+    def __init__(self, model: ModelSpec, task: TaskSpec) -> None:
+        from transformers import AutoConfig, MambaForCausalLM
+
+        quiet_transformers()
+        path = resolve_checkpoint(model.checkpoint)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except OSError as exc:
+            raise FileNotFoundError(f"model.checkpoint: cannot read the config of {model.checkpoint!r} ({path}): "
+                                    f"{exc}") from exc
+        self.dims = ModelDims.from_config(config)
+        with torch.device("meta"):  # shapes only: nothing is allocated or read
+            lm = MambaForCausalLM(config)
+        self.base_params = sum(p.numel() for p in lm.parameters())  # a tied head is one tensor, counted once
+        self.data: TaskData = load_task(task, model)
+        self.num_classes = self.data.num_classes
+
+    def trainable(self, cfg: TrialConfig) -> int:
+        """Closed-form trainable parameters of ``cfg``: its methods plus the task head."""
+        return expected_trainable(cfg, self.dims, self.num_classes)
+
+    def info(self) -> dict[str, int]:
+        return {"base_params": self.base_params, "num_classes": self.num_classes}
+
+    def step_seconds(self, cfg: TrialConfig, warmup: int = 2, steps: int = 5) -> float:
+        """Measured seconds of one training step of ``cfg`` (after ``warmup`` steps), for cost estimates."""
+        from trials.run import batches, forward_precision, optimizer_step
+
+        built = build_trial(cfg, self.data, trial_device())
+        opt = make_optimizer(built, cfg)
+        params = [p for p in built.model.parameters() if p.requires_grad]
+        it = batches(built.data.train, cfg.training.batch_size, torch.Generator().manual_seed(cfg.seed))
+        device = trial_device()
+        built.model.train()
+        t0 = 0.0
+        for i in range(warmup + steps):
+            if i == warmup:
+                t0 = time.perf_counter()
+            ids, lengths, labels = next(it)
+            with forward_precision(device, cfg.training.precision):
+                logits = built.model(ids.to(device), lengths.to(device))
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+            optimizer_step(loss, opt, None, params, cfg.training.grad_clip)
+        return (time.perf_counter() - t0) / steps

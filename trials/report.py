@@ -1,0 +1,11 @@
+"""What a trial reports, kept free of torch so that the search driver can read reports without importing it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Report = Callable[[dict[str, Any]], None]
+
+# Key of the final report; reports without it are rung reports (a pruned trial never sends it).
+FINISHED = "finished"
