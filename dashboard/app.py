@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from search import results
 from space.config import SpaceError, TrialConfig
-from space.metrics import METRICS, direction, label
+from space.metrics import DEFAULT_OBJECTIVES, METRICS, direction, label
 
 STATUS_STYLE = {  # status: (colour, marker symbol), in the order legends and counts list them
     results.STATUS_FINISHED: ("#1f77b4", "circle"),
@@ -37,7 +37,7 @@ STATUS_STYLE = {  # status: (colour, marker symbol), in the order legends and co
     results.STATUS_DUPLICATE: ("#17becf", "circle-dot"),
     results.STATUS_REJECTED: ("#bcbd22", "square-open"),
 }
-FALLBACK_AXES = ("trainable_params", "val_accuracy")  # (x, y) when the objectives do not make a 2-D front
+FALLBACK_AXES = (DEFAULT_OBJECTIVES[1], DEFAULT_OBJECTIVES[0])  # (x, y) when the objectives make no 2-D front
 TABLE_FORMATS = {  # metric shown in the trial table (where any trial logged it): its number format
     "val_accuracy": "%.3f", "test_accuracy": "%.3f", "trainable_params": "%.0f", "train_seconds": "%.1f",
     "peak_memory_mb": "%.0f"}

@@ -4,8 +4,8 @@ The size axis is logarithmic because PEFT configurations span orders of magnitud
 LoRA of 10k, full fine-tuning of 150k): on a linear axis every small configuration would sit in one sliver.
 
 Reference point (what a configuration must beat to add any volume):
-- quality: accuracy-like metrics bounded in [0, 1] use 0 (``FIXED_REFERENCE``); a metric without a fixed worst
-  value (a validation loss) uses the worst value any finished trial reached;
+- quality: a bounded metric uses its worst value (``space.metrics.WORST``: 0 for accuracy); a metric without one
+  (a validation loss) uses the worst value any finished trial reached;
 - size: full fine-tuning, log10 of the base model's parameter count (for ``trainable_pct``, log10(100)).
 With no size objective the hypervolume is the best quality's distance from its reference.
 """
@@ -15,24 +15,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from space.metrics import direction
-
-FIXED_REFERENCE = {"val_accuracy": 0.0}
+from space.metrics import WORST, direction
 
 
 def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
     """Area dominated by ``points`` and bounded by ``reference``, both coordinates minimised."""
     inside = sorted({p for p in points if p[0] < reference[0] and p[1] < reference[1]})
     area, best_y = 0.0, reference[1]
-    for (x, y), nxt in zip(inside, [*inside[1:], (reference[0], 0.0)], strict=True):
+    for (x, y), nxt in zip(inside, [*inside[1:], (reference[0], 0.0)], strict=False):
         best_y = min(best_y, y)
         area += (nxt[0] - x) * (reference[1] - best_y)
     return area
 
 
 def quality_reference(quality: str, values: Sequence[float]) -> float:
-    if quality in FIXED_REFERENCE:
-        return FIXED_REFERENCE[quality]
+    if quality in WORST:
+        return WORST[quality]
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return 0.0

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from search.pareto import pareto_indices
-from space.metrics import TRIAL_STATES, direction, quality_metric
+from space.metrics import DEFAULT_OBJECTIVES, TRIAL_STATES, direction, quality_metric
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "mamba-peft-search"
@@ -60,7 +60,7 @@ def searches(c, experiment: str) -> pd.DataFrame:
     return pd.DataFrame([{
         "run_id": r.info.run_id, "name": r.info.run_name, "status": r.data.tags.get("mps.status", ""),
         "start_time": pd.to_datetime(r.info.start_time, unit="ms"),
-        "objectives": json.loads(r.data.tags.get("mps.objectives", '["val_accuracy", "trainable_params"]')),
+        "objectives": json.loads(r.data.tags.get("mps.objectives", json.dumps(DEFAULT_OBJECTIVES))),
         "trials": r.data.params.get("num_trials"),
     } for r in runs])
 

@@ -197,7 +197,8 @@ class PeftSearcher(Searcher):
             top = self._front()[: r.top]
             for row in top:
                 for k in range(1, r.seeds + 1):
-                    phase.queue.append((row["cfg"].model_copy(update={"seed": row["cfg"].seed + k}), row["number"]))
+                    seeded = TrialConfig.model_validate({**row["cfg"].model_dump(), "seed": row["cfg"].seed + k})
+                    phase.queue.append((seeded, row["number"]))
             phase.budget = len(phase.queue)
             if top:
                 self.echo(f"re-evaluating the {len(top)} most accurate front configurations with {r.seeds} more "

@@ -16,12 +16,12 @@ from ray.tune import Callback
 
 from search.results import CONFIG_ARTIFACT
 from space.config import SearchSpace, TrialConfig
+from space.metrics import METRICS, kind
 from trials.report import FINISHED
 
-# Per-step metrics are logged as curves; the rest of the final report is logged once.
-CURVE_KEYS = ("val_accuracy", "train_loss", "trainable_params")
-FINAL_KEYS = ("val_accuracy", "test_accuracy", "trainable_params", "trainable_pct", "train_seconds",
-              "peak_memory_mb", "steps_done")
+# Per-rung metrics are logged as curves; the rest of the final report is logged once.
+CURVE_KEYS = (*(m for m in METRICS if kind(m) in ("rung", "size")), "train_loss")
+FINAL_KEYS = (*METRICS, "steps_done")
 
 
 class SearchRun:

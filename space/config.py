@@ -16,7 +16,7 @@ import yaml
 from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from space.methods import METHOD_SPACES, MethodConfig, MethodSpace, method_config, sample_method
-from space.metrics import OBJECTIVE_METRICS, Direction, direction, quality_metric
+from space.metrics import DEFAULT_OBJECTIVES, OBJECTIVE_METRICS, Direction, direction, quality_metric
 from space.params import (
     Choices,
     FloatRange,
@@ -303,7 +303,7 @@ class TrackingSpec(Strict):
 
 
 def _default_objectives() -> list[Objective]:
-    return [Objective(metric="val_accuracy"), Objective(metric="trainable_params")]
+    return [Objective(metric=m) for m in DEFAULT_OBJECTIVES]
 
 
 class SearchSpace(Strict):

@@ -27,6 +27,12 @@ METRICS: dict[str, tuple[Direction, str, Kind]] = {
     "peak_memory_mb": ("min", "peak memory (MB)", "cost"),
 }
 
+# The worst value a bounded metric can take (the hypervolume's reference where it has one).
+WORST: dict[str, float] = {"val_accuracy": 0.0, "test_accuracy": 0.0}
+
+# What a space optimises when it names no objectives.
+DEFAULT_OBJECTIVES = ("val_accuracy", "trainable_params")
+
 # Metrics a search may optimise: every kind but ``report``.
 OBJECTIVE_METRICS = tuple(m for m, (_, _, kind) in METRICS.items() if kind != "report")
 
