@@ -149,6 +149,12 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _line(row: dict[str, Any]) -> str:
+    return (f"{row['task']:>12} seed {row['seed']} {row['arm']:>16}: hypervolume {row['hypervolume']:.4f}  "
+            f"best {row['best']:.3f}  steps {row['steps']:>6,}  trials {row['trials']}  {row['states']}  "
+            f"{row['seconds']:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,7 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=240)
     p.add_argument("--workers", type=int, default=2, help="searches run side by side, one CPU thread each")
     p.add_argument("--json", type=Path, help="also write every row and the ratios here")
+    p.add_argument("--combine", nargs="+", type=Path, help="print the rows and ratios of earlier --json files "
+                   "(e.g. one run per task) instead of running")
     a = p.parse_args(argv)
+    if a.combine:
+        combined = [row for path in a.combine for row in json.loads(path.read_text())["rows"]]
+        for row in sorted(combined, key=lambda r: (r["task"], r["seed"], r["arm"])):
+            print(_line(row))
+        for name, value in ratios(combined).items():
+            print(f"{name}: {value:.3f}")
+        return 0
     jobs = [(task, arm, seed, a.trials, a.min_steps, a.max_steps) for task in a.tasks for seed in a.seeds
             for arm in a.arms]
     t0 = time.perf_counter()
@@ -170,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     with multiprocessing.get_context("spawn").Pool(a.workers) as pool:
         for row in pool.imap_unordered(_run, jobs):
             rows.append(row)
-            print(f"{row['task']:>12} seed {row['seed']} {row['arm']:>16}: hypervolume {row['hypervolume']:.4f}  "
-                  f"best {row['best']:.3f}  steps {row['steps']:>6,}  trials {row['trials']}  {row['states']}  "
-                  f"{row['seconds']:.0f} s", flush=True)
+            print(_line(row), flush=True)
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     result = ratios(rows) if set(a.arms) == set(ARMS) else {}
     for name, value in result.items():
