@@ -186,11 +186,12 @@ def dry_run(space: SearchSpace, echo=print, samples: int = 256) -> int:
         over = sum(s > limit for s in sizes)
         echo(f"search.max_trainable {limit:,}: {over} of {len(sizes)} sampled configurations would be rejected")
     middle = configs[len(configs) // 2]
-    step = probe.step_seconds(middle)
+    step = probe.step_seconds(middle, threads=max(1, int(space.search.cpus_per_trial)))
     s = space.search
     runs = s.num_trials + s.reevaluate.top * s.reevaluate.seeds
     hours = runs * space.training.budget.max_steps * step / max(1, s.concurrency) / 3600
-    echo(f"a training step takes {step * 1000:.0f} ms here ({middle.summary()}); {s.num_trials} trials + "
+    echo(f"a training step takes {step * 1000:.0f} ms here on {max(1, int(s.cpus_per_trial))} CPU thread(s) "
+         f"({middle.summary()}); {s.num_trials} trials + "
          f"{s.reevaluate.top * s.reevaluate.seeds} re-evaluations at {space.training.budget.max_steps} steps, "
          f"{s.concurrency} at a time: at most {hours * 60:.1f} min of training (pruning stops many trials early)")
     return 0

@@ -141,6 +141,7 @@ class PeftSearcher(Searcher):
         self.results: list[dict[str, Any]] = []  # finished trials of the searched phases
         self.durations: list[float] = []
         self.steps_saved = 0
+        self.completed = 0  # searched trials over, in any state (the hypervolume curve's x axis)
         self.stop_reason: str | None = None
         self.stage1_selection: list[str] | None = None
 
@@ -288,6 +289,12 @@ class PeftSearcher(Searcher):
         assert phase.study is not None
         phase.study.tell(ot, values, state=tell)
         self.recorder.settled(self.number, phase.name, cfg, dict(ot.params), state, metrics, note)
+        self._completed()
+
+    def _completed(self) -> None:
+        """One more searched trial is over (in any state): log the hypervolume of the front so far."""
+        self.completed += 1
+        self.recorder.hypervolume(self.completed, self.hypervolume())
 
     def _out_of_time(self) -> bool:
         budget = self.space.search.time_budget
@@ -346,7 +353,8 @@ class PeftSearcher(Searcher):
             self.results.append(row)
             if live.phase != "reevaluate":
                 self.finished.setdefault(live.key, {"number": live.number, "metrics": metrics})
-                self.recorder.hypervolume(len(self.results), self.hypervolume())
+        if live.phase != "reevaluate":
+            self._completed()
         if live.ot is not None:
             live.ot.set_user_attr(STATE_ATTR, state)
             values = [result[m] for m in self.objectives] if finished and result is not None else None

@@ -45,9 +45,13 @@ class Probe:
     def info(self) -> dict[str, int]:
         return {"base_params": self.base_params, "num_classes": self.num_classes}
 
-    def step_seconds(self, cfg: TrialConfig, warmup: int = 2, steps: int = 5) -> float:
-        """Measured seconds of one training step of ``cfg`` (after ``warmup`` steps), for cost estimates."""
+    def step_seconds(self, cfg: TrialConfig, warmup: int = 2, steps: int = 5, threads: int | None = None) -> float:
+        """Measured seconds of one training step of ``cfg`` (after ``warmup`` steps), for cost estimates; with
+        ``threads``, on that many CPU threads, as a Ray trial with that many CPUs runs."""
         from trials.run import batches, forward_precision, optimizer_step
+
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         built = build_trial(cfg, self.data, trial_device())
         opt = make_optimizer(built, cfg)

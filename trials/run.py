@@ -64,6 +64,12 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar as quiet_datasets
+
+        quiet_datasets()  # "Generating train split" bars would interleave with the search's lines
+    except ImportError:
+        pass
 
 
 def head_params(dims: ModelDims, num_classes: int) -> int:

@@ -249,3 +249,17 @@ def test_the_repo_space_validates_and_its_rungs_end_at_the_budget():
     rungs = space.training.budget.steps()
     assert rungs[-1] == space.training.budget.max_steps and rungs == sorted(rungs)
     assert yaml.safe_load((REPO / "space.yaml").read_text())["search"]["pruner"] == "pareto"
+
+
+def test_the_hypervolume_is_logged_after_every_completed_trial_and_never_falls():
+    s, rec = searcher_for(make_space({"search": {"concurrency": 6}}))
+    ids = [tid for tid in (f"t{i}" for i in range(6)) if isinstance(s.suggest(tid), dict)]
+    for i, tid in enumerate(ids):
+        if i == 1:
+            s.on_trial_complete(tid, error=True)
+        else:
+            finish(s, tid, 0.2 + 0.1 * i)
+    steps = [step for step, _ in rec.volumes]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == s.completed == 6
+    values = [v for _, v in rec.volumes]
+    assert values == sorted(values) and values[-1] == s.hypervolume() > 0
