@@ -1,7 +1,8 @@
 """Export a trial's full config from a finished search: ``python -m search.export [-o best.yaml]``.
 
 By default it takes the latest search in the experiment and its most accurate trial on the Pareto front
-(finished trials only). ``--search RUN_ID`` picks another search, ``--run RUN_ID`` a specific trial.
+(trials that trained the full budget; by the mean over seeds where the front was re-evaluated).
+``--search RUN_ID`` picks another search, ``--run RUN_ID`` a specific trial.
 The output is the trial config that ``python -m trials.train`` trains.
 """
 
@@ -23,8 +24,8 @@ def export(tracking_uri: str, experiment: str, search_run: str | None = None, ru
     if run is None:
         info = results.search_info(c, experiment, search_run)
         objectives = list(info["objectives"])
-        best = results.best_trial(results.pareto(results.trials(c, experiment, info["run_id"]), objectives),
-                                  objectives)
+        df = results.trials(c, experiment, info["run_id"])
+        best = results.best_trial(results.reevaluated(df, results.pareto(df, objectives), objectives), objectives)
         if best is None:
             raise results.ResultsError(f"search {info['name']} ({info['run_id']}) has no finished trials")
         run = str(best["run_id"])

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from search.pareto import pareto_indices
-from space.metrics import DEFAULT_OBJECTIVES, TRIAL_STATES, direction, quality_metric
+from space.metrics import DEFAULT_OBJECTIVES, TRIAL_STATES, direction, quality_metric, size_metric
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "mamba-peft-search"
@@ -139,7 +139,8 @@ def reevaluated(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str]) ->
         stds.append(float(pd.Series(values).std(ddof=1)) if len(values) > 1 else float("nan"))
         tests.append(float(pd.Series(test, dtype=float).mean()))
     out["seeds"], out[f"{quality}_mean"], out[f"{quality}_std"], out["test_accuracy_mean"] = seeds, means, stds, tests
-    size = next((m for m in objectives if m in out and m != quality), None)
+    size = size_metric(objectives)
+    size = size if size in out else None
     noise: list[str] = []
     for i, row in out.iterrows():
         note = ""
@@ -157,18 +158,22 @@ def reevaluated(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str]) ->
 
 
 def ranking_metric(objectives: list[str]) -> str:
-    """The objective that orders a front for "best": the first maximised one (accuracy), else the first."""
-    return next((m for m in objectives if direction(m) == "max"), objectives[0])
+    """The objective that orders a front for "best": the quality objective (measured at every rung)."""
+    return quality_metric(objectives)
 
 
 def best_trial(front: pd.DataFrame, objectives: list[str]) -> dict[str, Any] | None:
-    """The front's best trial by ``ranking_metric`` (the most accurate Pareto trial by default)."""
+    """The front's best trial: the highest mean of the quality objective over its seeds where the front was
+    re-evaluated (``reevaluated``), else its single value; ties go to the smaller configuration."""
     if front.empty:
         return None
     key = ranking_metric(objectives)
-    if key not in front:
-        return front.iloc[0].to_dict()
-    return front.sort_values(key, ascending=direction(key) == "min", kind="stable").iloc[0].to_dict()
+    mean = f"{key}_mean"
+    order = mean if mean in front else key
+    size = size_metric(objectives)
+    by = [order, size] if size in front else [order]
+    ascending = [direction(key) == "min", True][: len(by)]
+    return front.sort_values(by, ascending=ascending, kind="stable").iloc[0].to_dict()
 
 
 def trial_config_text(c, run_id: str) -> str:

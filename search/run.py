@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space
-from space.metrics import size_metric
+from space.metrics import WORST, size_metric
 
 EXIT_BAD_INPUT = 2
 TABLE_WIDTH = 120
@@ -72,14 +72,14 @@ def format_front(front, objectives: list[str], width: int = TABLE_WIDTH) -> str:
     for m in objectives:
         if m != quality and m in front:
             integer = m == "trainable_params"
-            table[m] = front[m].map(lambda v, integer=integer: f"{int(v):,}" if integer else f"{v:.3g}")
+            table[m] = front[m].map(lambda v, integer=integer: f"{int(v):,}" if integer else f"{v:,.2f}")
     test = "test_accuracy_mean" if "test_accuracy_mean" in front else "test_accuracy"
     if test in front:
         table["test_acc"] = front[test].map(lambda v: f"{v:.3f}")
     if "noise" in front and front["noise"].astype(bool).any():
         table["note"] = front["noise"]
     others = len(table.to_string(index=False).splitlines()[0])
-    room = max(12, width - others - 2)
+    room = max(8, width - others - 2)
     table.insert(1, "methods", [s if len(s) <= room else s[: room - 1] + "…"
                                 for s in front["methods"].map(abbreviate)])
     return table.to_string(index=False)
@@ -109,17 +109,21 @@ def with_overrides(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
         value = getattr(args, option)
         if value is not None:
             search[key] = str(value) if option == "results_dir" else value
-    data = space.model_dump()
-    data["search"] = {**data["search"], **search}
+    data = space.model_dump(exclude_unset=True)
+    data["search"] = {**data.get("search", {}), **search}
     if args.tracking_uri:
-        data["tracking"] = {**data["tracking"], "uri": args.tracking_uri}
+        data["tracking"] = {**data.get("tracking", {}), "uri": args.tracking_uri}
     try:
         return SearchSpace.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = str(err["loc"][-1]) if err["loc"] else "?"
-        raise SpaceError(f"--{key.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')} "
-                         f"(got {err.get('input')!r})") from None
+        key = str(err["loc"][-1]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if key in search or (key == "uri" and args.tracking_uri):
+            raise SpaceError(f"--{key.replace('_', '-')}: {msg} (got {err.get('input')!r})") from None
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in search.items())
+        raise SpaceError(f"{args.space} with {given or 'the command-line options'}: "
+                         f"{'.'.join(map(str, err['loc']))}: {msg}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         if space.search.num_trials > 1:
             echo(f"nothing is searched in {args.space}: its one configuration is trained once, not "
                  f"{space.search.num_trials} times")
-        data = space.model_dump()
-        data["search"] = {**data["search"], "num_trials": 1, "strategy": "one_stage", "stage1_trials": None}
+        data = space.model_dump(exclude_unset=True)
+        data["search"] = {**data.get("search", {}), "num_trials": 1, "strategy": "one_stage", "stage1_trials": None,
+                          "reevaluate": {"top": 0}}
         space = SearchSpace.model_validate(data)
     if args.dry_run:
         return dry_run(space, print)
@@ -286,16 +291,20 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
                                       callbacks=[callback], failure_config=tune.FailureConfig(max_failures=0)),
         )
         tuner.fit()
-        status = results.STATUS_FINISHED
+        # Ray catches Ctrl-C itself and returns from fit(): a search whose searcher never said it was done was
+        # stopped, and what still ran is interrupted.
+        status = results.STATUS_FINISHED if searcher.done else results.STATUS_INTERRUPTED
     except KeyboardInterrupt:
         status = results.STATUS_INTERRUPTED
-        echo("interrupted: finished trials are kept in MLflow")
     finally:
+        stopped = searcher.interrupt()
+        callback.mark_interrupted(stopped)
+        if status == results.STATUS_INTERRUPTED:
+            echo(f"interrupted: {len(stopped)} running trial(s) marked interrupted; finished trials are kept")
         df = results.trials(parent.client, space.tracking.experiment, parent.run_id)
         front = results.reevaluated(df, results.pareto(df, objectives), objectives)
         counts = callback.counts()
         hv = searcher.hypervolume()
-        trained = sum(int(v) for v in df.get("steps_done", []) if v == v) if "steps_done" in df else 0
         summary: dict[str, float] = {f"trials_{k}": v for k, v in counts.items()}
         summary.update(hypervolume=hv, steps_saved_by_pruning=searcher.steps_saved)
         parent.finish(status, front.to_csv(index=False) if not front.empty else None, summary)
@@ -304,13 +313,13 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
     echo(", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("finished", "pruned", "failed")))
     if searcher.stop_reason:
         echo(searcher.stop_reason)
-    pruned_steps = searcher.steps_saved
-    if pruned_steps:
-        echo(f"pruning saved {pruned_steps:,} training steps of {trained + pruned_steps:,} "
-             f"({100 * pruned_steps / max(1, trained + pruned_steps):.0f}%)")
+    saved, trained = searcher.steps_saved, searcher.steps_trained
+    if saved:
+        echo(f"pruning saved {saved:,} of the {trained + saved:,} training steps the trials would have taken "
+             f"without it ({100 * saved / max(1, trained + saved):.0f}%)")
     size = size_metric(objectives)
-    reference = (f" x log10({size}), reference {space.quality} "
-                 f"{0 if space.quality == 'val_accuracy' else 'worst'} and full fine-tuning "
+    worst = WORST.get(space.quality, "the worst finished value")
+    reference = (f" x log10({size}); reference: {space.quality} {worst} and full fine-tuning "
                  f"(log10 {10 ** size_reference(size, base_params):,.0f})") if size else ""
     echo(f"hypervolume {hv:.4f} ({space.quality}{reference})")
     echo("Pareto front (trials that trained the full budget; \u00b1 is the spread over re-evaluation seeds):")

@@ -6,9 +6,12 @@
 Each phase proposes its trial budget. A proposal is built once into a validated ``TrialConfig`` and handed to the
 worker as that object's JSON. Before anything trains:
 - its closed-form trainable count comes from a ``Probe`` (a Ray actor, so the driver never imports torch);
-- above ``search.max_trainable`` it is rejected: Optuna records it PRUNED with a violated constraint, which the
-  samplers read as infeasible;
-- a configuration that already finished is not trained again: its result is copied (state ``duplicate``).
+- above ``search.max_trainable`` it is rejected: Optuna records it COMPLETE with a violated constraint and the
+  worst quality (so that NSGA-II and GP, which read only complete trials, see it as well as TPE); samplers and
+  ``study.best_trials`` treat it as infeasible;
+- a configuration that already finished, or was pruned, is not trained again: its outcome is reused (state
+  ``duplicate``); one proposed while its twin is still running waits for it, and is trained only if that twin
+  fails.
 While trials train, ``RungScheduler`` hands every rung report to ``PeftSearcher.rung``, which stores the value in
 the Optuna trial's user attributes (``search.pruners.record_rung``) and asks the study's pruner; Ray stops what it
 prunes. Ray is told to stop asking once every phase is done or the time budget would be overrun.
@@ -32,21 +35,13 @@ from ray.tune.search import Searcher
 
 from search.hypervolume import search_hypervolume
 from search.pruners import SIZE_ATTR, make_pruner, record_rung
-from space.config import SearchSpace, TrialConfig, dimensions, sample_trial
-from space.metrics import better, quality_metric, size_metric
+from space.config import PRUNER_OPTIONS, SearchSpace, TrialConfig, dimensions, sample_trial
+from space.metrics import WORST, better, direction, quality_metric, size_metric
 from space.stages import selected_methods, stage1_space, stage2_sampler
 from trials.report import FINISHED
 
-# Which settings of search.pruner each pruner takes.
-PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "pareto": ("min_better", "margin", "min_peers", "warmup_steps"),
-    "median": ("min_peers", "warmup_steps"),
-    "percentile": ("percentile", "min_peers", "warmup_steps"),
-    "successive_halving": ("reduction_factor", "min_peers", "warmup_steps"),
-    "hyperband": ("reduction_factor", "n_brackets", "min_peers"),
-    "none": (),
-}
 STATE_ATTR = "mps_state"  # the trial state in the project's words (space.metrics.TRIAL_STATES)
+KEY_ATTR = "mps_config"  # the configuration, as compared for duplicates
 CONSTRAINT = "max_trainable"
 
 
@@ -77,7 +72,7 @@ def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
     if s.sampler == "grid":
         # Every searched value is a list of choices (SearchSpace checks it for the grid sampler).
         grid = {name: list(getattr(value, "choices", [])) for name, value in dimensions(space).items()}
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return OpenGridSampler(grid, seed=seed)
     if s.sampler == "nsga2":
         # A population near the trial budget, or NSGA-II would sample at random for its whole first generation.
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, s.num_trials // 4)))
@@ -88,6 +83,28 @@ def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
         # Multivariate TPE with the constant liar: suited to conditional spaces and parallel suggestions.
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=min(10, max(2, s.num_trials // 3)))
+
+
+class OpenGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` once the grid is used up, which raises outside
+    ``optimize()``: the searcher's trial budget ends the phase instead, and a grid point proposed again is a
+    duplicate, reused rather than trained."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        pass
+
+
+def penalty(metric: str, size: int, base_params: int) -> float:
+    """The value a rejected configuration is told for ``metric``: its real size for a size objective, else the
+    metric's worst value, so that samplers which read only COMPLETE trials (NSGA-II, GP) see it too."""
+    if metric == "trainable_params":
+        return float(size)
+    if metric == "trainable_pct":
+        return 100.0 * size / max(base_params, 1)
+    if metric in WORST:
+        return WORST[metric]
+    return -1e12 if direction(metric) == "max" else 1e12
 
 
 @dataclass
@@ -137,10 +154,16 @@ class PeftSearcher(Searcher):
         self.live: dict[str, Live] = {}
         self.pruned: dict[str, int] = {}  # Ray trial id -> the rung step it was pruned at
         self.states: dict[str, str] = {}  # Ray trial id -> final state
-        self.finished: dict[str, dict[str, Any]] = {}  # config key -> the first finished result
+        # config key -> the first finished (or pruned) trial of that configuration: a later proposal reuses it
+        self.outcomes: dict[str, dict[str, Any]] = {}
+        # config key -> proposals of a configuration that was running when they came: settled when it ends
+        self.pending: dict[str, list[tuple[optuna.trial.Trial, Phase, TrialConfig, int]]] = {}
+        self.relaunch: list[tuple[optuna.trial.Trial, Phase, TrialConfig, int]] = []  # pending whose original failed
         self.results: list[dict[str, Any]] = []  # finished trials of the searched phases
-        self.durations: list[float] = []
+        self.durations: list[float] = []  # seconds a trial takes at the full budget, estimated from each trial
         self.steps_saved = 0
+        self.steps_trained = 0
+        self.done = False  # every phase proposed its budget (or the time budget ended the search)
         self.completed = 0  # searched trials over, in any state (the hypervolume curve's x axis)
         self.stop_reason: str | None = None
         self.stage1_selection: list[str] | None = None
@@ -183,15 +206,15 @@ class PeftSearcher(Searcher):
         phase = self.phases[self.current]
         if phase.name == "stage2":
             best = self._best(phase="stage1")
+            phase.study = self._study("-stage2", self.space.search.seed + 1)
             if best is None:
                 self.echo("stage 1 finished no trial: stage 2 searches the whole space")
-                selected = [n for n, m in self.space.methods.items() if m.enabled is not False]
-            else:
-                selected = selected_methods(best["cfg"])
+                phase.sample = lambda trial: sample_trial(self.space, trial)
+                return
+            selected = selected_methods(best["cfg"])
             self.stage1_selection = selected
             self.echo(f"stage 2: tuning {', '.join(selected) or 'the head alone'} "
                       f"(from stage 1's most accurate trial, {self._name(best)}), and may drop one of them")
-            phase.study = self._study("-stage2", self.space.search.seed + 1)
             phase.sample = stage2_sampler(self.space, selected)
         elif phase.name == "reevaluate":
             r = self.space.search.reevaluate
@@ -230,15 +253,23 @@ class PeftSearcher(Searcher):
     # -- Ray Tune's Searcher interface ------------------------------------------------------------------------------
     def suggest(self, trial_id: str) -> Any:  # a config dict, None (not now) or Searcher.FINISHED
         while True:
+            if self.relaunch:  # proposals that waited on a running twin whose run then failed: trained now
+                ot, phase, cfg, size = self.relaunch.pop(0)
+                return self._launch(trial_id, phase, cfg, ot, ot.params, size, None)
             if self.current >= len(self.phases):
+                self.done = True
                 return Searcher.FINISHED
             phase = self.phases[self.current]
             if phase.proposed >= phase.budget:
                 if any(live.phase == phase.name for live in self.live.values()):
                     return None  # the next phase needs this one's results
+                if self.current + 1 < len(self.phases) and self._out_of_time():
+                    self.done = True
+                    return Searcher.FINISHED  # said why; the next phase is not started
                 self._advance()
                 continue
             if self._out_of_time():
+                self.done = True
                 return Searcher.FINISHED
             if phase.name == "reevaluate":
                 cfg, of = phase.queue[phase.proposed]
@@ -252,23 +283,51 @@ class PeftSearcher(Searcher):
         assert phase.study is not None and phase.sample is not None
         ot = phase.study.ask()
         phase.proposed += 1
-        cfg = phase.sample(ot)
-        size = self.sizes.trainable(cfg)
+        try:
+            cfg = phase.sample(ot)
+            size = self.sizes.trainable(cfg)
+        except Exception as exc:  # a proposal that cannot become a trial fails alone, not the search
+            self._fail_proposal(ot, phase, exc)
+            return None
         ot.set_user_attr(SIZE_ATTR, size)
+        ot.set_user_attr(KEY_ATTR, config_key(cfg))
         if self.limit is not None:
             ot.set_constraint(CONSTRAINT, float(size - self.limit))  # > 0: infeasible, for every sampler
         key = config_key(cfg)
         if self.limit is not None and size > self.limit:
-            self._settle(ot, phase, cfg, "rejected", TrialState.PRUNED, None, {"trainable_params": size},
+            values = [penalty(m, size, self.base_params) for m in self.objectives]
+            self._settle(ot, phase, cfg, "rejected", TrialState.COMPLETE, values, {"trainable_params": size},
                          f"{size:,} trainable parameters is above search.max_trainable {self.limit:,}")
             return None
-        if key in self.finished:
-            first = self.finished[key]
-            values = [first["metrics"][m] for m in self.objectives]
-            self._settle(ot, phase, cfg, "duplicate", TrialState.COMPLETE, values, first["metrics"],
-                         f"same configuration as trial-{first['number']:03d}; its result is reused")
+        if key in self.outcomes:
+            self._settle_duplicate(ot, phase, cfg, self.outcomes[key])
+            return None
+        if any(live.key == key and live.ot is not None for live in self.live.values()):
+            self.pending.setdefault(key, []).append((ot, phase, cfg, size))  # settled when its twin ends
             return None
         return self._launch(trial_id, phase, cfg, ot, ot.params, size, None)
+
+    def _fail_proposal(self, ot: optuna.trial.Trial, phase: Phase, exc: Exception) -> None:
+        self.number += 1
+        note = f"could not be built: {type(exc).__name__}: {exc}"
+        ot.set_user_attr(STATE_ATTR, "failed")
+        ot.set_user_attr("mps_number", self.number)
+        ot.set_user_attr("mps_note", note[:2000])
+        assert phase.study is not None
+        phase.study.tell(ot, None, state=TrialState.FAIL)
+        self.echo(f"trial-{self.number:03d} failed: {note}")
+        self._completed()
+
+    def _settle_duplicate(self, ot: optuna.trial.Trial, phase: Phase, cfg: TrialConfig,
+                          first: dict[str, Any]) -> None:
+        name = f"trial-{first['number']:03d}"
+        if first["state"] == "finished":
+            values = [first["metrics"][m] for m in self.objectives]
+            self._settle(ot, phase, cfg, "duplicate", TrialState.COMPLETE, values, first["metrics"],
+                         f"same configuration as {name}; its result is reused")
+        else:
+            self._settle(ot, phase, cfg, "duplicate", TrialState.PRUNED, None, {},
+                         f"same configuration as {name}, which was pruned at step {first['step']}; not trained again")
 
     def _launch(self, trial_id: str, phase: Phase, cfg: TrialConfig, ot: optuna.trial.Trial | None,
                 params: dict[str, Any], size: int, of: int | None) -> dict[str, Any]:
@@ -306,7 +365,8 @@ class PeftSearcher(Searcher):
             return False
         if self.stop_reason is None:
             self.stop_reason = (f"time budget {budget:.0f} s: stopped starting trials after {elapsed:.0f} s (a trial "
-                                f"takes about {typical:.0f} s); the trials already running finish")
+                                f"takes about {typical:.0f} s at the full budget); the trials already running "
+                                "finish")
             self.echo(self.stop_reason)
         return True
 
@@ -334,8 +394,15 @@ class PeftSearcher(Searcher):
         live = self.live.pop(trial_id, None)
         if live is None:
             return
-        self.durations.append(self.clock() - live.started)
         finished = bool(result and result.get(FINISHED))
+        steps = self.max_steps if finished else live.last_step
+        self.steps_trained += steps
+        if steps:
+            self.durations.append((self.clock() - live.started) * self.max_steps / steps)
+        values = [result[m] for m in self.objectives] if finished and result is not None else None
+        if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            self.echo(f"trial-{live.number:03d}: an objective is not finite ({values}); recorded as failed")
+            error, finished, values = True, False, None
         if error:
             state, tell = "failed", TrialState.FAIL
         elif finished:
@@ -348,21 +415,36 @@ class PeftSearcher(Searcher):
         self.states[trial_id] = state
         if finished and result is not None:
             metrics = {k: result[k] for k in (*self.objectives, "test_accuracy") if k in result}
-            row = {"number": live.number, "phase": live.phase, "cfg": live.cfg, **metrics,
-                   "trainable_params": live.size}
-            self.results.append(row)
-            if live.phase != "reevaluate":
-                self.finished.setdefault(live.key, {"number": live.number, "metrics": metrics})
-        if live.phase != "reevaluate":
-            self._completed()
+            self.results.append({"number": live.number, "phase": live.phase, "cfg": live.cfg, **metrics,
+                                 "trainable_params": live.size})
         if live.ot is not None:
             live.ot.set_user_attr(STATE_ATTR, state)
-            values = [result[m] for m in self.objectives] if finished and result is not None else None
-            try:
-                live.ot.study.tell(live.ot, values, state=tell)
-            except ValueError as exc:  # a non-finite objective: recorded as failed rather than lost
-                self.echo(f"trial-{live.number:03d}: Optuna refused its values ({exc}); recorded as failed")
-                live.ot.study.tell(live.ot, None, state=TrialState.FAIL)
+            live.ot.study.tell(live.ot, values, state=tell)
+            if state in ("finished", "pruned"):
+                outcome = {"number": live.number, "state": state, "step": live.last_step,
+                           "metrics": metrics if finished else {}}
+                self.outcomes.setdefault(live.key, outcome)
+            for ot, phase, cfg, size in self.pending.pop(live.key, []):
+                if live.key in self.outcomes:
+                    self._settle_duplicate(ot, phase, cfg, self.outcomes[live.key])
+                else:  # its twin failed or was interrupted: this one is trained after all
+                    self.relaunch.append((ot, phase, cfg, size))
+        if live.phase != "reevaluate":
+            self._completed()
+
+    def interrupt(self) -> list[str]:
+        """Mark every trial still running as interrupted (Ray was stopped, e.g. by Ctrl-C); their Ray ids."""
+        ids = list(self.live)
+        for trial_id in ids:
+            self.on_trial_complete(trial_id, result=None)
+        for waiting in [*self.pending.values(), [(ot, p, c, n) for ot, p, c, n in self.relaunch]]:
+            for ot, phase, _, _ in waiting:
+                ot.set_user_attr(STATE_ATTR, "interrupted")
+                assert phase.study is not None
+                phase.study.tell(ot, None, state=TrialState.FAIL)
+        self.pending.clear()
+        self.relaunch.clear()
+        return ids
 
     def hypervolume(self) -> float:
         rows = [r for r in self.results if r["phase"] != "reevaluate"]
@@ -378,7 +460,8 @@ class PeftSearcher(Searcher):
         # The Optuna storage holds the studies; this is a readable summary of where the search stands.
         with open(checkpoint_path, "w") as f:
             json.dump({"phase": self.current, "proposed": [p.proposed for p in self.phases],
-                       "numbers": self.number, "steps_saved": self.steps_saved}, f)
+                       "numbers": self.number, "steps_saved": self.steps_saved,
+                       "steps_trained": self.steps_trained}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         raise NotImplementedError("resuming a search is not supported yet: start a new one")

@@ -182,6 +182,15 @@ class MlflowTrialCallback(Callback):
         last_line = message.strip().splitlines()[-1] if message.strip() else "unknown error"
         self.echo(f"{self._label(self.numbers.get(trial.trial_id, 0), self._phase(trial))} failed    {last_line}")
 
+    def mark_interrupted(self, trial_ids: list[str]) -> None:
+        """Runs of trials Ray stopped without completing them (Ctrl-C): state ``interrupted``, run KILLED."""
+        for trial_id in trial_ids:
+            run_id = self.run_ids.get(trial_id)
+            self.statuses[trial_id] = "interrupted"
+            if run_id is not None:
+                self._client().set_tag(run_id, "mps.status", "interrupted")
+                self._client().set_terminated(run_id, "KILLED")
+
     def _end(self, trial, status: str, mlflow_status: str) -> None:
         self.statuses[trial.trial_id] = status
         run_id = self.run_ids.get(trial.trial_id)

@@ -186,6 +186,16 @@ class Objective(Strict):
 
 PrunerName = Literal["pareto", "median", "percentile", "successive_halving", "hyperband", "none"]
 
+# Which settings of search.pruner each pruner takes (search/pruners.py); any other one is an error.
+PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "pareto": ("min_better", "margin", "min_peers", "warmup_steps"),
+    "median": ("min_peers", "warmup_steps"),
+    "percentile": ("percentile", "min_peers", "warmup_steps"),
+    "successive_halving": ("reduction_factor", "min_peers", "warmup_steps"),
+    "hyperband": ("reduction_factor", "n_brackets", "min_peers"),
+    "none": (),
+}
+
 
 class PrunerSpec(Strict):
     """Which Optuna pruner stops trials at the budget rungs (search/pruners.py has the exact rules).
@@ -210,6 +220,14 @@ class PrunerSpec(Strict):
     @classmethod
     def _named(cls, raw: Any) -> Any:
         return {"name": raw} if isinstance(raw, str) else raw
+
+    @model_validator(mode="after")
+    def _options(self) -> PrunerSpec:
+        for key in sorted(self.model_fields_set - {"name"}):
+            if key not in PRUNER_OPTIONS[self.name]:
+                takes = ", ".join(PRUNER_OPTIONS[self.name]) or "no options"
+                raise ValueError(f"{key}: the {self.name} pruner does not use it (it takes {takes})")
+        return self
 
 
 class Reevaluate(Strict):
@@ -350,18 +368,42 @@ class SearchSpace(Strict):
             quality_metric(names)
         except ValueError as exc:
             raise ValueError(f"objectives: {exc}") from None
-        known = set(dimensions(self))
-        for i, params in enumerate(self.search.enqueue):
-            unknown = sorted(set(params) - known)
-            if unknown:
-                raise ValueError(f"search.enqueue.{i}: {unknown[0]!r} is not a searched parameter of this space; "
-                                 f"searched: {sorted(known) or 'none'}")
+        self._check_enqueue()
+        if self.search.sampler == "grid" and self.search.strategy == "two_stage":
+            raise ValueError("search.sampler: grid cannot run strategy two_stage (each stage searches other "
+                             "dimensions); use tpe, nsga2, gp or random")
         if self.search.sampler == "grid":
             continuous = [name for name, value in dimensions(self).items() if not isinstance(value, Choices)]
             if continuous:
                 raise ValueError(f"search.sampler: grid needs every searched value to be a list of choices; "
                                  f"{continuous[0]} is a range")
         return self
+
+    def _check_enqueue(self) -> None:
+        """Each enqueued configuration names searched parameters with values they can take, and switches on
+        (``<method>.enabled``) every method whose values it gives."""
+        if self.search.enqueue and self.search.strategy == "two_stage":
+            raise ValueError("search.enqueue: not with strategy two_stage (stage 1 pins every size and stage 2's "
+                             "space comes from stage 1's results); use one_stage")
+        known = dimensions(self)
+        for i, params in enumerate(self.search.enqueue):
+            where = f"search.enqueue.{i}"
+            for name, value in params.items():
+                if name not in known:
+                    raise ValueError(f"{where}: {name!r} is not a searched parameter of this space; searched: "
+                                     f"{sorted(known) or 'none'}")
+                allowed = known[name]
+                if isinstance(allowed, Choices) and value not in allowed.choices:
+                    raise ValueError(f"{where}.{name}: {value!r} is not one of {allowed.choices}")
+                if isinstance(allowed, (IntRange, FloatRange)) and (
+                        isinstance(value, bool) or not isinstance(value, (int, float))
+                        or not allowed.low <= value <= allowed.high):
+                    raise ValueError(f"{where}.{name}: {value!r} is outside [{allowed.low}, {allowed.high}]")
+                method, _, field = name.partition(".")
+                if method in self.methods and field != "enabled" and f"{method}.enabled" in known \
+                        and f"{method}.enabled" not in params:
+                    raise ValueError(f"{where}: gives {name} but not {method}.enabled (searched); add "
+                                     f"{method}.enabled: true")
 
     @property
     def objective_names(self) -> list[str]:

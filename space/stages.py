@@ -55,8 +55,8 @@ def stage1_space(space: SearchSpace) -> SearchSpace:
 
 def _derived(space: SearchSpace) -> dict[str, Any]:
     """The space as data for a stage's space; its enqueued configurations belong to the first stage's study."""
-    data = space.model_dump()
-    data["search"] = {**data["search"], "enqueue": []}
+    data = space.model_dump(exclude_unset=True)
+    data["search"] = {**data.get("search", {}), "enqueue": []}
     return data
 
 

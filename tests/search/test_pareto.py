@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from search.pareto import dominates, pareto_indices
 from search.results import pareto
@@ -37,3 +38,45 @@ def test_pruned_and_failed_trials_never_reach_the_front():
     ])
     front = pareto(df, ["val_accuracy", "trainable_params"])
     assert front.trial.tolist() == ["d", "a"]  # most accurate first
+
+
+def _front_with_seeds():
+    import pandas as pd
+
+    from search import results
+
+    df = pd.DataFrame([
+        {"trial": "trial-001", "status": "finished", "phase": "search", "reevaluates": "", "val_accuracy": 0.60,
+         "trainable_params": 1_000, "test_accuracy": 0.58},
+        {"trial": "trial-002", "status": "finished", "phase": "search", "reevaluates": "", "val_accuracy": 0.63,
+         "trainable_params": 5_000, "test_accuracy": 0.61},
+        {"trial": "trial-003", "status": "finished", "phase": "search", "reevaluates": "", "val_accuracy": 0.80,
+         "trainable_params": 9_000, "test_accuracy": 0.79},
+        # seeds of the re-evaluation
+        *({"trial": f"trial-1{i}", "status": "finished", "phase": "reevaluate", "reevaluates": of,
+           "val_accuracy": v, "trainable_params": n, "test_accuracy": v}
+          for i, (of, v, n) in enumerate([("trial-001", 0.62, 1_000), ("trial-001", 0.58, 1_000),
+                                          ("trial-002", 0.57, 5_000), ("trial-002", 0.66, 5_000),
+                                          ("trial-003", 0.79, 9_000), ("trial-003", 0.81, 9_000)])),
+    ])
+    objectives = ["val_accuracy", "trainable_params"]
+    return results, df, objectives, results.reevaluated(df, results.pareto(df, objectives), objectives)
+
+
+def test_reevaluated_front_reports_mean_and_spread_and_marks_an_advantage_within_the_noise():
+    _, _, _, front = _front_with_seeds()
+    rows = front.set_index("trial")
+    assert list(rows.seeds) == [3, 3, 3]
+    assert rows.loc["trial-001", "val_accuracy_mean"] == pytest.approx(0.60)
+    assert rows.loc["trial-002", "val_accuracy_mean"] == pytest.approx(0.62)
+    # trial-002 beats the smaller trial-001 by 0.02 with seeds spread by ~0.045: within the noise.
+    assert rows.loc["trial-002", "noise"] == "within noise of trial-001"
+    assert rows.loc["trial-003", "noise"] == "" and rows.loc["trial-001", "noise"] == ""
+    assert set(front.phase) == {"search"}  # re-evaluation runs are seeds, never front points
+
+
+def test_best_trial_is_chosen_by_the_mean_over_seeds():
+    results, _, objectives, front = _front_with_seeds()
+    assert results.best_trial(front, objectives)["trial"] == "trial-003"
+    means = front.assign(val_accuracy_mean=[0.5, 0.9, 0.6][: len(front)])
+    assert results.best_trial(means, objectives)["trial"] == means.sort_values("val_accuracy_mean").iloc[-1].trial

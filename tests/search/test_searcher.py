@@ -116,9 +116,12 @@ def test_configurations_above_max_trainable_are_rejected_before_training_and_tol
             launched.append(TrialConfig.model_validate_json(config["trial"]))
             finish(s, f"t{i}", 0.3)
     assert all(not cfg.methods for cfg in launched)  # only head-only configurations reached Ray
-    rejected = [t for t in s.phases[0].study.trials if t.user_attrs.get(STATE_ATTR) == "rejected"]
-    assert rejected and all(t.state == TrialState.PRUNED for t in rejected)
-    assert all(t.constraints["max_trainable"] > 0 for t in rejected)  # infeasible, for TPE, NSGA-II and GP
+    study = s.phases[0].study
+    rejected = [t for t in study.trials if t.user_attrs.get(STATE_ATTR) == "rejected"]
+    # Complete with the worst accuracy and a violated constraint: infeasible for TPE, NSGA-II and GP alike.
+    assert rejected and all(t.state == TrialState.COMPLETE and t.values[0] == 0.0 for t in rejected)
+    assert all(t.constraints["max_trainable"] > 0 for t in rejected)
+    assert not {t.number for t in study.best_trials} & {t.number for t in rejected}
     assert {note.split(" trainable")[0] for *_, note in rec.calls if "above" in note} <= {"2,150", "2,650"}
 
 
@@ -224,7 +227,7 @@ def test_enqueued_configurations_are_evaluated_first():
 
 @pytest.mark.parametrize(("name", "cls"), [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"),
                                             ("gp", "GPSampler"), ("random", "RandomSampler"),
-                                            ("grid", "GridSampler")])
+                                            ("grid", "OpenGridSampler")])
 def test_every_sampler_is_built_and_seeded(name, cls):
     space = make_space({"search": {"sampler": name}, "training": {"learning_rate": 0.003}})
     sampler = make_sampler(space, seed=3)
@@ -252,7 +255,8 @@ def test_the_repo_space_validates_and_its_rungs_end_at_the_budget():
 
 
 def test_the_hypervolume_is_logged_after_every_completed_trial_and_never_falls():
-    s, rec = searcher_for(make_space({"search": {"concurrency": 6}}))
+    space = make_space({"search": {"concurrency": 6}, "training": {"learning_rate": {"low": 1e-3, "high": 1e-2}}})
+    s, rec = searcher_for(space)  # a continuous learning rate: no two proposals are the same configuration
     ids = [tid for tid in (f"t{i}" for i in range(6)) if isinstance(s.suggest(tid), dict)]
     for i, tid in enumerate(ids):
         if i == 1:
@@ -263,3 +267,70 @@ def test_the_hypervolume_is_logged_after_every_completed_trial_and_never_falls()
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == s.completed == 6
     values = [v for _, v in rec.volumes]
     assert values == sorted(values) and values[-1] == s.hypervolume() > 0
+
+
+def test_a_proposal_of_a_running_configuration_waits_for_it_and_reuses_its_result():
+    space = make_space({"search": {"concurrency": 6}},
+                       methods={"lora_in_proj": {"enabled": True, "rank": {"choices": [1]}}})
+    s, rec = searcher_for(space)
+    assert isinstance(s.suggest("t1"), dict)
+    assert s.suggest("t2") is None  # the rest of the budget are twins of the running trial: nothing to train
+    assert len(s.pending[s.live["t1"].key]) == 5
+    finish(s, "t1", 0.6)
+    assert [state for _, _, state, _ in rec.calls] == ["duplicate"] * 5
+    assert s.suggest("t3") == Searcher.FINISHED
+
+
+def test_twins_of_a_failed_trial_are_trained_after_it():
+    space = make_space({"search": {"concurrency": 6, "num_trials": 2}},
+                       methods={"lora_in_proj": {"enabled": True, "rank": {"choices": [1]}}})
+    s, rec = searcher_for(space)
+    assert isinstance(s.suggest("t1"), dict) and s.suggest("t2") is None
+    s.on_trial_complete("t1", error=True)
+    again = s.suggest("t3")
+    assert isinstance(again, dict) and rec.calls == []
+    finish(s, "t3", 0.5)
+    assert states(s) == ["failed", "finished"]
+
+
+def test_a_twin_of_a_pruned_trial_is_not_trained_again():
+    space = make_space({"search": {"concurrency": 1, "num_trials": 3,
+                                   "pruner": {"name": "pareto", "min_peers": 1, "min_better": 1}}},
+                       methods={"lora_in_proj": {"enabled": True, "rank": {"choices": [1]}},
+                                "a_log_delta": {"enabled": "search"}})
+    s, rec = searcher_for(space)
+    seen = {}
+    for i in range(3):
+        config = s.suggest(f"t{i}")
+        if not isinstance(config, dict):
+            break
+        seen[f"t{i}"] = config
+        if i == 0:
+            finish(s, f"t{i}", 0.9)
+        else:  # the other configuration: pruned at once by the better, no-larger first trial if it is larger
+            pruned = s.rung(f"t{i}", {"step": 2, "val_accuracy": 0.1})
+            s.on_trial_complete(f"t{i}", result={"step": 2, "val_accuracy": 0.1})
+            assert pruned or s.state_of(f"t{i}") == "interrupted"
+    notes = [note for *_, note in rec.calls]
+    assert all("its result is reused" in n or "which was pruned at step 2" in n for n in notes)
+
+
+def test_interrupt_marks_running_trials_interrupted_in_optuna():
+    s, _ = searcher_for(make_space({"search": {"concurrency": 2}}))
+    ids = [tid for tid in ("a", "b") if isinstance(s.suggest(tid), dict)]
+    assert s.interrupt() == ids and not s.live
+    assert set(states(s)) == {"interrupted"}
+    assert all(t.state == TrialState.FAIL for t in s.phases[0].study.trials)
+
+
+def test_a_proposal_that_cannot_be_built_fails_alone():
+    class Broken(Sizes):
+        def trainable(self, cfg):
+            raise RuntimeError("the probe is gone")
+
+    s = PeftSearcher(make_space(), optuna.storages.InMemoryStorage(), "s", Broken(), None, 100_000, Recorder(),
+                     echo=lambda line: None)
+    assert s.suggest("t1") == Searcher.FINISHED  # every proposal failed; the search ends instead of crashing
+    study = s.phases[0].study
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 6
+    assert "the probe is gone" in study.trials[0].user_attrs["mps_note"]

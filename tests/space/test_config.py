@@ -70,6 +70,20 @@ def test_a_space_with_only_a_name_has_the_documented_defaults(tmp_path):
      "search.sampler: grid needs every searched value to be a list of choices; lora_in_proj.scale is a range"),
     ("objectives: [{metric: trainable_params}]", "objectives: objectives ['trainable_params'] name no metric"),
     ("model: {pooling: {choices: [last, max]}}", "model.pooling: choice 'max' is not one of last, mean"),
+    ("search: {pruner: {name: median, min_better: 3}}",
+     "search.pruner.min_better: the median pruner does not use it (it takes min_peers, warmup_steps)"),
+    ("methods: {lora_in_proj: {enabled: search}}\nsearch: {sampler: grid, strategy: two_stage}",
+     "search.sampler: grid cannot run strategy two_stage"),
+    ("methods: {lora_in_proj: {enabled: search}}\nsearch: {strategy: two_stage, enqueue: [{lora_in_proj.enabled: "
+     "true}]}", "search.enqueue: not with strategy two_stage"),
+    ("methods: {lora_in_proj: {enabled: search, rank: {choices: [1, 2]}}}\n"
+     "search: {enqueue: [{lora_in_proj.enabled: true, lora_in_proj.rank: 99}]}",
+     "search.enqueue.0.lora_in_proj.rank: 99 is not one of [1, 2]"),
+    ("methods: {lora_in_proj: {enabled: search, rank: {choices: [1, 2]}}}\n"
+     "search: {enqueue: [{lora_in_proj.rank: 2}]}",
+     "search.enqueue.0: gives lora_in_proj.rank but not lora_in_proj.enabled (searched)"),
+    ("training: {learning_rate: {low: 0.001, high: 0.01}}\nsearch: {enqueue: [{training.learning_rate: 0.5}]}",
+     "search.enqueue.0.training.learning_rate: 0.5 is outside [0.001, 0.01]"),
     ("- just\n- a list", "the top level must be a mapping"),
     ("model: [unclosed", "not valid YAML"),
 ])
