@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in pool.imap_unordered(_run, jobs):
             rows.append(row)
             print(_line(row), flush=True)
+            if a.json:  # after every search, so an interrupted run keeps what it measured
+                a.json.write_text(json.dumps({"rows": rows, "ratios": {}}, indent=2) + "\n")
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     result = ratios(rows) if set(a.arms) == set(ARMS) else {}
     for name, value in result.items():
