@@ -105,7 +105,9 @@ class Budget(Strict):
     ``min_steps``, ``min_steps * reduction_factor``, ... and always ``max_steps`` last.
     """
 
-    min_steps: int = Field(default=60, ge=1)  # the first rung: the earliest point a trial can be pruned
+    # Defaults from docs/fidelity.md: on both built-in tasks the ranking at 480 steps agrees with 960 (Spearman
+    # >= 0.9), and rungs before 120 rank configurations barely better than chance.
+    min_steps: int = Field(default=120, ge=1)  # the first rung: the earliest point a trial can be pruned
     max_steps: int = Field(default=480, ge=1)  # the full budget of a trial (and of trials.train)
     reduction_factor: int = Field(default=2, ge=2)  # ratio between successive rungs
     rungs: list[int] | None = None  # explicit rung steps instead of the ladder (min_steps is then unused)
