@@ -158,8 +158,12 @@ def reevaluated(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str]) ->
 
 
 def ranking_metric(objectives: list[str]) -> str:
-    """The objective that orders a front for "best": the quality objective (measured at every rung)."""
-    return quality_metric(objectives)
+    """The objective that orders a front for "best": the quality objective (measured at every rung), else (a
+    dashboard axis pair without one) the first objective."""
+    try:
+        return quality_metric(objectives)
+    except ValueError:
+        return objectives[0]
 
 
 def best_trial(front: pd.DataFrame, objectives: list[str]) -> dict[str, Any] | None:
