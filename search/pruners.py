@@ -146,7 +146,32 @@ def _in_top_fraction(value: float, others: list[float], reduction_factor: int, s
     return sign * value >= cutoff
 
 
-class ParetoPruner(BasePruner):
+class _RungPruner(BasePruner):
+    """The rules every rung pruner but Hyperband shares (module docstring); subclasses judge the trial's latest
+    finite value against its peers at that rung in ``_judge``."""
+
+    _min_peers: int
+    _warmup_steps: int
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        latest = _latest(trial)
+        if latest is None:
+            return False
+        _, step, value = latest
+        if step <= self._warmup_steps:
+            return False
+        if not math.isfinite(value):
+            return True
+        peers = _peers_at(study, trial, step)
+        if len(peers) + 1 < self._min_peers:
+            return False
+        return self._judge(trial, value, peers)
+
+    def _judge(self, trial: FrozenTrial, value: float, peers: list[tuple[FrozenTrial, float]]) -> bool:
+        raise NotImplementedError
+
+
+class ParetoPruner(_RungPruner):
     """Prune a trial that trials no larger than it already clearly beat at the same rung.
 
     The search is for the front of rung metric vs trainable parameters, and a trial can only reach that front by
@@ -199,18 +224,7 @@ class ParetoPruner(BasePruner):
             )
         return float(size)
 
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        latest = _latest(trial)
-        if latest is None:
-            return False
-        _, step, value = latest
-        if step <= self._warmup_steps:
-            return False
-        if not math.isfinite(value):
-            return True
-        peers = _peers_at(study, trial, step)
-        if len(peers) + 1 < self._min_peers:
-            return False
+    def _judge(self, trial: FrozenTrial, value: float, peers: list[tuple[FrozenTrial, float]]) -> bool:
         sign = _sign(self._direction)
         size = self._size(trial)
         better = 0
@@ -224,7 +238,7 @@ class ParetoPruner(BasePruner):
         return better >= self._min_better
 
 
-class PercentilePruner(BasePruner):
+class PercentilePruner(_RungPruner):
     """Keep a trial only if its value at its latest rung is in the best ``percentile`` % of the values there.
 
     Same semantics as ``optuna.pruners.PercentilePruner`` (``percentile=25`` keeps the top quarter): over the values
@@ -244,18 +258,7 @@ class PercentilePruner(BasePruner):
         self._min_peers = _check_min_peers(min_peers)
         self._warmup_steps = _check_warmup_steps(warmup_steps)
 
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        latest = _latest(trial)
-        if latest is None:
-            return False
-        _, step, value = latest
-        if step <= self._warmup_steps:
-            return False
-        if not math.isfinite(value):
-            return True
-        peers = _peers_at(study, trial, step)
-        if len(peers) + 1 < self._min_peers:
-            return False
+    def _judge(self, trial: FrozenTrial, value: float, peers: list[tuple[FrozenTrial, float]]) -> bool:
         values = np.array([v for _, v in peers] + [value], dtype=float)
         if self._direction == "max":
             return value < float(np.nanpercentile(values, 100.0 - self._percentile))
@@ -269,7 +272,7 @@ class MedianPruner(PercentilePruner):
         super().__init__(direction, 50.0, min_peers=min_peers, warmup_steps=warmup_steps)
 
 
-class SuccessiveHalvingPruner(BasePruner):
+class SuccessiveHalvingPruner(_RungPruner):
     """Asynchronous successive halving (ASHA, Li et al. 2020) on the rung values.
 
     At its latest rung ``s > warmup_steps``, of the ``n >= min_peers`` trials measured at ``s`` (itself included),
@@ -286,18 +289,7 @@ class SuccessiveHalvingPruner(BasePruner):
         self._min_peers = _check_min_peers(min_peers)
         self._warmup_steps = _check_warmup_steps(warmup_steps)
 
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        latest = _latest(trial)
-        if latest is None:
-            return False
-        _, step, value = latest
-        if step <= self._warmup_steps:
-            return False
-        if not math.isfinite(value):
-            return True
-        peers = _peers_at(study, trial, step)
-        if len(peers) + 1 < self._min_peers:
-            return False
+    def _judge(self, trial: FrozenTrial, value: float, peers: list[tuple[FrozenTrial, float]]) -> bool:
         others = [v for _, v in peers]
         return not _in_top_fraction(value, others, self._reduction_factor, _sign(self._direction))
 

@@ -15,7 +15,7 @@ from search.export import main as export_main
 from search.pruners import RUNG_ATTR
 from search.run import main as search_main
 from space.metrics import TRIAL_STATES
-from tests.conftest import IN_CI, REPO
+from tests.conftest import IN_CI
 from trials.train import load_trained
 from trials.train import main as train_main
 
@@ -129,16 +129,6 @@ search: {{num_trials: 12, reevaluate: {{top: 0}}, results_dir: {tmp_path / 'runs
     assert len(df) == 1 and list(df.status) == ["finished"]
 
 
-def test_an_empty_space_exits_2_and_starts_nothing(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("\n")
-    proc = subprocess.run([sys.executable, "-m", "search.run", str(space)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "the space is empty" in proc.stderr
-    assert not (tmp_path / "runs").exists()
-
-
 def test_dry_run_prints_dimensions_sizes_and_cost_without_ray(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE.format(trials=5, results=tmp_path / "runs", extra="  max_trainable: 3000",
@@ -171,13 +161,18 @@ def test_end_of_search_table_fits_120_columns_whatever_the_methods():
     assert "0.700\u00b10.010" in table and "1,234,567" in table and "\u2026" in table
 
 
-def test_invalid_space_exits_2_and_starts_nothing(tmp_path):
+@pytest.mark.parametrize(("text", "message"), [
+    ("\n", "space.yaml: the space is empty"),
+    ("search: {{results_dir: {runs}}}\nmethods: {{lora_in_proj: {{rank: 0}}}}\n",
+     "space.yaml: methods.lora_in_proj.rank: 0 is below 1"),
+], ids=["empty", "invalid"])
+def test_a_bad_space_exits_2_and_starts_nothing(tmp_path, text, message):
     space = tmp_path / "space.yaml"
-    space.write_text(f"search: {{results_dir: {tmp_path / 'runs'}}}\nmethods: {{lora_in_proj: {{rank: 0}}}}\n")
-    proc = subprocess.run([sys.executable, "-m", "search.run", str(space)], cwd=REPO, capture_output=True,
+    space.write_text(text.format(runs=tmp_path / "runs"))
+    proc = subprocess.run([sys.executable, "-m", "search.run", str(space)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert "space.yaml: methods.lora_in_proj.rank: 0 is below 1" in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

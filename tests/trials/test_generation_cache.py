@@ -18,8 +18,8 @@ from transformers.models.mamba.modeling_mamba import MambaMixer, MambaModel
 
 from space.methods import PromptConfig
 from tests.conftest import SCAN_PATHS
+from tests.trials.test_method_details import _perturbed as perturbed
 from tests.trials.test_methods import CONFIGS, PLAIN, needs_project_mixer, on_transformers_path
-from trials.methods import apply_methods
 from trials.mixer import CACHE_KWARG, CACHE_KWARGS, FastMambaMixer
 from trials.model import use_scan
 from trials.run import quiet_transformers
@@ -39,16 +39,6 @@ def sharp_lm(path: str) -> MambaForCausalLM:
     cfg = MambaConfig(vocab_size=40, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
                       initializer_range=0.5)
     return use_scan(MambaForCausalLM(cfg), path).eval()
-
-
-def perturbed(lm, methods: dict) -> MambaForCausalLM:
-    applied = apply_methods(lm, methods)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for ps in applied.params.values():
-            for p in ps:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return lm.eval()
 
 
 def scores(lm, ids: torch.Tensor, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
