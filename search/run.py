@@ -283,17 +283,18 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
         resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
-            # Ray trials are at most the proposals plus the re-evaluations; the searcher says when it is done.
+            # Ray trials are at most the proposals plus the re-evaluations; one more sample lets Ray ask the
+            # searcher once more, so that it says it is done rather than Ray stopping at its count.
             tune_config=tune.TuneConfig(search_alg=tune.search.ConcurrencyLimiter(searcher, s.concurrency),
                                         scheduler=RungScheduler(searcher), reuse_actors=True,
-                                        num_samples=s.num_trials + s.reevaluate.top * s.reevaluate.seeds),
+                                        num_samples=s.num_trials + s.reevaluate.top * s.reevaluate.seeds + 1),
             run_config=tune.RunConfig(name=run_name, storage_path=str(results_dir / "ray"), verbose=0,
                                       callbacks=[callback], failure_config=tune.FailureConfig(max_failures=0)),
         )
         tuner.fit()
         # Ray catches Ctrl-C itself and returns from fit(): a search whose searcher never said it was done was
         # stopped, and what still ran is interrupted.
-        status = results.STATUS_FINISHED if searcher.done else results.STATUS_INTERRUPTED
+        status = results.STATUS_FINISHED if searcher.exhausted() else results.STATUS_INTERRUPTED
     except KeyboardInterrupt:
         status = results.STATUS_INTERRUPTED
     finally:

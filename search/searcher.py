@@ -432,6 +432,18 @@ class PeftSearcher(Searcher):
         if live.phase != "reevaluate":
             self._completed()
 
+    def exhausted(self) -> bool:
+        """Every phase has proposed its budget and nothing runs or waits: the search is complete even if Ray
+        stopped asking (it stops at its sample count without a last ``suggest``)."""
+        if self.done:
+            return True
+        if self.live or self.pending or self.relaunch:
+            return False
+        if self.current >= len(self.phases):
+            return True
+        # A phase is current only once it is set up (re-evaluation's budget is known then): the last one, spent.
+        return self.current == len(self.phases) - 1 and self.phases[-1].proposed >= self.phases[-1].budget
+
     def interrupt(self) -> list[str]:
         """Mark every trial still running as interrupted (Ray was stopped, e.g. by Ctrl-C); their Ray ids."""
         ids = list(self.live)

@@ -334,3 +334,18 @@ def test_a_proposal_that_cannot_be_built_fails_alone():
     study = s.phases[0].study
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 6
     assert "the probe is gone" in study.trials[0].user_attrs["mps_note"]
+
+
+def test_the_search_is_complete_once_the_last_phase_is_spent_even_if_ray_stops_asking():
+    space = make_space({"search": {"num_trials": 2, "concurrency": 2, "reevaluate": {"top": 1, "seeds": 1}},
+                        "training": {"learning_rate": {"low": 1e-3, "high": 1e-2}}})
+    s, _ = searcher_for(space)
+    ids = [tid for tid in ("a", "b") if isinstance(s.suggest(tid), dict)]
+    assert not s.exhausted()
+    for tid in ids:
+        finish(s, tid, 0.5)
+    assert not s.exhausted()  # the re-evaluation is still to come
+    again = s.suggest("r")
+    assert isinstance(again, dict) and again["phase"] == "reevaluate" and not s.exhausted()
+    finish(s, "r", 0.5)
+    assert s.exhausted()  # Ray may stop at its sample count here, without asking again
