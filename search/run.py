@@ -56,13 +56,15 @@ def format_front(front, objectives: list[str], width: int = TABLE_WIDTH) -> str:
     """The front as a table that fits ``width`` columns whatever the number of methods (abbreviated, then cut)."""
     import pandas as pd
 
-    from space.metrics import quality_metric
+    from space.metrics import direction, quality_metric
 
     if front.empty:
         return "(no trial trained the full budget)"
     quality = quality_metric(objectives)
-    table = pd.DataFrame({"trial": front["trial"]})
     mean = f"{quality}_mean"
+    if mean in front:  # most accurate first by the mean over seeds, as export chooses
+        front = front.sort_values(mean, ascending=direction(quality) == "min", kind="stable")
+    table = pd.DataFrame({"trial": front["trial"]})
     if mean in front and (front["seeds"] > 1).any():
         table[quality] = [f"{m:.3f}±{sd:.3f}" if n > 1 else f"{v:.3f}" for m, sd, n, v in zip(
             front[mean], front[f"{quality}_std"], front["seeds"], front[quality], strict=True)]
