@@ -289,11 +289,11 @@ class PeftSearcher(Searcher):
         except Exception as exc:  # a proposal that cannot become a trial fails alone, not the search
             self._fail_proposal(ot, phase, exc)
             return None
+        key = config_key(cfg)
         ot.set_user_attr(SIZE_ATTR, size)
-        ot.set_user_attr(KEY_ATTR, config_key(cfg))
+        ot.set_user_attr(KEY_ATTR, key)
         if self.limit is not None:
             ot.set_constraint(CONSTRAINT, float(size - self.limit))  # > 0: infeasible, for every sampler
-        key = config_key(cfg)
         if self.limit is not None and size > self.limit:
             values = [penalty(m, size, self.base_params) for m in self.objectives]
             self._settle(ot, phase, cfg, "rejected", TrialState.COMPLETE, values, {"trainable_params": size},
@@ -449,7 +449,7 @@ class PeftSearcher(Searcher):
         ids = list(self.live)
         for trial_id in ids:
             self.on_trial_complete(trial_id, result=None)
-        for waiting in [*self.pending.values(), [(ot, p, c, n) for ot, p, c, n in self.relaunch]]:
+        for waiting in [*self.pending.values(), self.relaunch]:
             for ot, phase, _, _ in waiting:
                 ot.set_user_attr(STATE_ATTR, "interrupted")
                 assert phase.study is not None

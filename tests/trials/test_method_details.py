@@ -226,7 +226,7 @@ def test_additional_scan_copies_the_last_a_column(tiny_lm):
     apply_methods(tiny_lm, {"additional_scan": AdditionalScanConfig(states=2)})
     grown = tiny_lm.backbone.layers[0].mixer.A_log
     assert grown.shape == (64, 6)
-    assert torch.equal(grown[:, :4], a_log) and torch.equal(grown[:, 4], a_log[:, -1])
+    assert torch.equal(grown[:, :4], a_log) and torch.equal(grown[:, 4], a_log[:, -1])  # copies, not arithmetic
 
 
 @pytest.mark.parametrize("methods", [
