@@ -75,6 +75,7 @@ def optuna_trials(storage: str, names: list[str]) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # Ray's start, 8 trials one at a time, a re-evaluation, then a final training
 def test_two_stage_search_with_pruning_logs_every_trial_then_export_and_train_the_best(tmp_path):
     extra = "  strategy: two_stage\n  stage1_trials: 4\n  study_name: e2e-study\n"
     run_search(tmp_path, trials=8, extra=extra, concurrency=1)
@@ -113,6 +114,7 @@ def test_two_stage_search_with_pruning_logs_every_trial_then_export_and_train_th
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # Ray's start and one trial
 def test_a_space_with_nothing_searched_trains_its_configuration_once(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(f"""
@@ -209,6 +211,7 @@ def _postgres_databases(count: int):
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.timeout(600)  # Ray's start and 3 trials, two at a time
 def test_search_with_optuna_and_mlflow_on_postgresql(tmp_path):
     # Two databases, as in docker-compose.yml: Optuna and MLflow both keep an alembic_version table.
     dbs = _postgres_databases(2)

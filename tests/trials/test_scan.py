@@ -3,6 +3,9 @@ transformers' own."""
 
 from __future__ import annotations
 
+import os
+import secrets
+
 import pytest
 import torch
 from transformers import MambaConfig, MambaForCausalLM
@@ -16,6 +19,21 @@ from trials.scan import selective_scan
 FAST = ("compiled", "torch")
 # (batch, channels, length, state): odd lengths, lengths no chunk size divides, a single step.
 SHAPES = [(1, 4, 1, 3), (2, 8, 37, 5), (3, 16, 64, 16), (2, 6, 129, 7), (1, 3, 250, 4)]
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global RNG state (model inits, token ids), whatever ran before it; the
+    state outside is restored afterwards."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+def property_seed() -> int:
+    """A new seed on every run, so the fast paths meet new inputs each time (property-style); the tests that use
+    it name it in every failure message, and MAMBA_PEFT_TEST_SEED=<seed> replays it."""
+    return int(os.environ.get("MAMBA_PEFT_TEST_SEED") or secrets.randbelow(2**31 - 1))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,18 +64,19 @@ def run_scan(inputs: list, impl: str, weight: torch.Tensor | None = None):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("h0", [False, True], ids=["zero_state", "initial_state"])
 def test_fast_scan_matches_the_sequential_reference_in_outputs_and_every_gradient(impl, shape, h0):
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # fresh inputs each run
+    seed = property_seed()
+    gen = torch.Generator().manual_seed(seed)
     inputs = scan_inputs(*shape, h0=h0, gen=gen)
     w = torch.randn(shape[0], shape[1], shape[2], generator=gen)
     y_ref, g_ref = run_scan(inputs, "reference", w)
     y, g = run_scan(inputs, impl, w)
-    assert rel(y, y_ref) < 1e-4
+    assert rel(y, y_ref) < 1e-4, f"y, seed {seed}"
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"]
     for name, got, want in zip(names, g, g_ref, strict=True):
         if want is None:
-            assert got is None
+            assert got is None, f"{name}, seed {seed}"
             continue
-        assert rel(got, want) < 1e-4, name
+        assert rel(got, want) < 1e-4, f"{name}, seed {seed}"
 
 
 def test_auto_falls_back_to_the_pure_pytorch_scan_without_a_compiler(monkeypatch):
@@ -227,9 +246,11 @@ def test_cuda_path_uses_the_effective_weights():
 def test_causal_conv_matches_torch_conv1d_on_a_strided_view(impl, silu):
     from trials.scan import causal_conv
 
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    seed = property_seed()
+    gen = torch.Generator().manual_seed(seed)
     bt, length, e, k = 3, 21, 10, 4
     xz = torch.randn(bt, length, 2 * e, generator=gen, requires_grad=True)  # x is the strided first half
+    torch.manual_seed(seed)  # the convolution's initial weights come from the same seed
     conv = torch.nn.Conv1d(e, e, k, groups=e, padding=k - 1)
     out = causal_conv(xz[..., :e], conv.weight, conv.bias, silu=silu, impl=impl)
     want = conv(xz[..., :e].transpose(1, 2))[..., :length].transpose(1, 2)
@@ -237,6 +258,6 @@ def test_causal_conv_matches_torch_conv1d_on_a_strided_view(impl, silu):
     w = torch.randn(bt, length, e, generator=gen)
     got_grads = torch.autograd.grad((out * w).sum(), [xz, conv.weight, conv.bias])
     want_grads = torch.autograd.grad((want * w).sum(), [xz, conv.weight, conv.bias])
-    assert rel(out.detach(), want.detach()) < 1e-4
-    for got, ref in zip(got_grads, want_grads, strict=True):
-        assert rel(got, ref) < 1e-4
+    assert rel(out.detach(), want.detach()) < 1e-4, f"output, seed {seed}"
+    for name, got, ref in zip(["x", "weight", "bias"], got_grads, want_grads, strict=True):
+        assert rel(got, ref) < 1e-4, f"{name}, seed {seed}"

@@ -218,10 +218,43 @@ def test_a_trial_runs_the_warm_up_and_carries_its_selection(monkeypatch):
     assert result.method_params["sdt"] == 4 * (13 * 4 + 2 * 16 * 13)
 
 
-def test_a_trained_sdt_trial_reloads_from_its_adapter(tmp_path):
-    from trials.train import load_trained, train
+def test_a_trained_sdt_trial_reloads_from_its_adapter(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
 
+    from trials import train as train_module
+    from trials.methods.api import adapter_state
+    from trials.methods.sdt import SparseDelta
+    from trials.run import evaluate
+
+    builds = []  # the trial train() builds and trains, to compare the reloaded model with
+    real = train_module.build_trial
+    monkeypatch.setattr(train_module, "build_trial", lambda *a, **kw: builds.append(real(*a, **kw)) or builds[-1])
     cfg = TrialConfig.from_yaml(small_trial_yaml(methods="sdt: {warmup_steps: 2, freeze_channel: 0.9}", steps=2))
-    metrics = train(cfg, tmp_path, steps=2, echo=lambda *_: None)
+    metrics = train_module.train(cfg, tmp_path, steps=2, echo=lambda *_: None)
+    (built,) = builds
+    trained, data = built.model.eval(), built.data  # moved to the CPU by train()
+    reloaded = train_module.load_trained(tmp_path)
+
+    # The saved spec carries the warm-up's selection, and the reloaded SDT masks (index buffers) and deltas
+    # are the saved ones.
+    spec = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert SdtConfig.model_validate(spec["methods"]["sdt"]) == built.applied.configs["sdt"]
+    saved = {k: v for k, v in load_file(str(tmp_path / "adapter" / "adapter.safetensors")).items()
+             if not k.startswith("extra.")}
+    for state in (adapter_state(trained.lm), adapter_state(reloaded.lm)):
+        assert state.keys() == saved.keys()
+        for name, tensor in saved.items():
+            assert torch.equal(state[name], tensor), name  # stored tensors, copied bit for bit
+    for i, (ours, theirs) in enumerate(zip(trained.lm.backbone.layers, reloaded.lm.backbone.layers, strict=True)):
+        for owner, attr in (("", "A_log"), ("x_proj", "weight")):
+            mine = ours.mixer.get_submodule(owner).parametrizations[attr][0]
+            back = theirs.mixer.get_submodule(owner).parametrizations[attr][0]
+            assert isinstance(back, SparseDelta), f"layer {i} {attr}"
+            assert torch.equal(back.rows, mine.rows) and torch.equal(back.cols, mine.cols), f"layer {i} {attr}"
+
+    # Same logits as the trained model (fp32, the same ops on the same tensors) and the accuracy it reported.
+    ids, lengths = data.val.ids[:64], data.val.lengths[:64]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, lengths), trained(ids, lengths), rtol=1e-5, atol=1e-6)
+    assert evaluate(reloaded, data.val) == pytest.approx(metrics["val_accuracy"])
     assert metrics["merge_max_rel_error"] < 1e-5
-    load_trained(tmp_path)
