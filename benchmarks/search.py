@@ -84,7 +84,8 @@ def run_search(task: str, arm: str, seed: int, trials: int, min_steps: int, max_
     import torch
     from ray.tune.search import Searcher
 
-    from search.searcher import PeftSearcher
+    from search.pruners import SIZE_ATTR, rung_values
+    from search.searcher import STATE_ATTR, PeftSearcher
     from space.config import TrialConfig
     from trials.probe import Probe
     from trials.run import run_trial
@@ -121,8 +122,13 @@ def run_search(task: str, arm: str, seed: int, trials: int, min_steps: int, max_
     counts: dict[str, int] = {}
     for state in searcher.states.values():
         counts[state] = counts.get(state, 0) + 1
+    curves = [{"phase": phase.name, "number": t.number, "state": t.user_attrs.get(STATE_ATTR),
+               "trainable_params": t.user_attrs.get(SIZE_ATTR), "rungs": rung_values(t),
+               "values": t.values, "params": t.params}
+              for phase in searcher.phases if phase.study is not None for t in phase.study.get_trials()]
     return {"task": task, "arm": arm, "seed": seed, "hypervolume": searcher.hypervolume(), "best": best,
-            "steps": steps, "seconds": time.perf_counter() - t0, "trials": searcher.number, "states": counts}
+            "steps": steps, "seconds": time.perf_counter() - t0, "trials": searcher.number, "states": counts,
+            "base_params": probe.base_params, "max_steps": max_steps, "curves": curves}
 
 
 def _run(args: tuple) -> dict[str, Any]:

@@ -202,15 +202,15 @@ PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
 class PrunerSpec(Strict):
     """Which Optuna pruner stops trials at the budget rungs (search/pruners.py has the exact rules).
 
-    ``pareto`` (the default) prunes a trial at a rung when ``min_better`` trials that are no larger had reached a
-    value at least ``margin`` better at that rung, once ``min_peers`` trials have reached it: a trial can only
+    ``pareto`` (the default) prunes a trial at a rung when ``min_better`` (1) trials that are no larger had reached
+    a value at least ``margin`` (0.02) better at that rung, once ``min_peers`` trials have reached it: a trial can only
     make the front by beating the trials no larger than itself. ``median`` and ``percentile`` compare with a
     percentile of the rung's values, ``successive_halving`` keeps the top 1/``reduction_factor`` at each rung, and
     ``hyperband`` runs ``n_brackets`` successive-halving brackets; these four look at the quality objective only.
     """
 
     name: PrunerName = "pareto"
-    min_better: int = Field(default=2, ge=1)  # pareto
+    min_better: int = Field(default=1, ge=1)  # pareto
     margin: float = Field(default=0.02, ge=0)  # pareto: in the quality objective's units
     min_peers: int = Field(default=4, ge=1)  # every pruner: trials at a rung before anything there is pruned
     warmup_steps: int = Field(default=0, ge=0)  # no pruning at rungs at or below this step

@@ -147,7 +147,7 @@ def test_pareto_keeps_a_trial_only_one_no_larger_trial_beats():
     _add(study, {30: 0.45}, size=1000)
     _add(study, {30: 0.40}, size=2000)
     trial = _running(study, {30: 0.50}, size=1000)
-    assert not ParetoPruner("max").prune(study, trial)
+    assert not ParetoPruner("max", min_better=2).prune(study, trial)
     assert ParetoPruner("max", min_better=1).prune(study, trial)
 
 
