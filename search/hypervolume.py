@@ -50,6 +50,8 @@ def search_hypervolume(rows: Sequence[dict[str, float]], quality: str, size: str
     q_ref = sign * quality_reference(quality, values)
     if size is None:
         return max(0.0, q_ref - min(sign * v for v in values))
-    points = [(sign * float(r[quality]), math.log10(max(float(r[size]), 1e-12))) for r in rows
+    # A trial with nothing trainable (the base model as it is) counts as one parameter: log10 of 0 has no value.
+    one = 100.0 / max(base_params, 1) if size == "trainable_pct" else 1.0
+    points = [(sign * float(r[quality]), math.log10(max(float(r[size]), one))) for r in rows
               if quality in r and size in r and math.isfinite(float(r[quality]))]
     return hypervolume_2d(points, (q_ref, size_reference(size, base_params)))

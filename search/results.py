@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from search.pareto import pareto_indices
-from space.metrics import DEFAULT_OBJECTIVES, TRIAL_STATES, direction, quality_metric, size_metric
+from space.metrics import DEFAULT_OBJECTIVES, TRIAL_STATES, direction, quality_metric, size_metric, test_metric
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "mamba-peft-search"
@@ -119,26 +119,27 @@ def reevaluated(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str]) ->
     """The front with the spread of its re-evaluated configurations.
 
     For each front trial: ``seeds`` (its own run plus its finished re-evaluation runs), the mean and standard
-    deviation of the quality objective over them, and the mean test accuracy. ``noise`` names the front trial no
-    larger than this one whose mean it does not beat by more than two standard errors of the difference: the
-    advantage that makes this configuration worth its extra parameters is within the noise. Trials that were not
-    re-evaluated get one seed and no spread.
+    deviation of the quality objective over them, and the mean of its test-split twin (``test_metric``).
+    ``noise`` names the front trial no larger than this one whose mean it does not beat by more than two standard
+    errors of the difference: the advantage that makes this configuration worth its extra parameters is within
+    the noise. Trials that were not re-evaluated get one seed and no spread.
     """
     if front.empty:
         return front
     quality = quality_metric(objectives)
+    test_name = test_metric(quality)
     sign = 1.0 if direction(quality) == "max" else -1.0
     out = front.copy()
     seeds, means, stds, tests = [], [], [], []
     for _, row in front.iterrows():
         runs = df[(df.get("reevaluates", "") == row["trial"]) & (df.status == STATUS_FINISHED)]
         values = [float(row[quality]), *runs[quality].astype(float)]
-        test = [float(row.get("test_accuracy", float("nan"))), *runs.get("test_accuracy", pd.Series(dtype=float))]
+        test = [float(row.get(test_name, float("nan"))), *runs.get(test_name, pd.Series(dtype=float))]
         seeds.append(len(values))
         means.append(float(pd.Series(values).mean()))
         stds.append(float(pd.Series(values).std(ddof=1)) if len(values) > 1 else float("nan"))
         tests.append(float(pd.Series(test, dtype=float).mean()))
-    out["seeds"], out[f"{quality}_mean"], out[f"{quality}_std"], out["test_accuracy_mean"] = seeds, means, stds, tests
+    out["seeds"], out[f"{quality}_mean"], out[f"{quality}_std"], out[f"{test_name}_mean"] = seeds, means, stds, tests
     size = size_metric(objectives)
     size = size if size in out else None
     noise: list[str] = []

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space
-from space.metrics import WORST, size_metric
+from space.metrics import WORST, size_metric, test_metric
 
 EXIT_BAD_INPUT = 2
 TABLE_WIDTH = 120
@@ -75,9 +75,10 @@ def format_front(front, objectives: list[str], width: int = TABLE_WIDTH) -> str:
         if m != quality and m in front:
             integer = m == "trainable_params"
             table[m] = front[m].map(lambda v, integer=integer: f"{int(v):,}" if integer else f"{v:,.2f}")
-    test = "test_accuracy_mean" if "test_accuracy_mean" in front else "test_accuracy"
+    test_name = test_metric(quality)
+    test = f"{test_name}_mean" if f"{test_name}_mean" in front else test_name
     if test in front:
-        table["test_acc"] = front[test].map(lambda v: f"{v:.3f}")
+        table[test_name.replace("accuracy", "acc")] = front[test].map(lambda v: f"{v:.3f}")
     if "noise" in front and front["noise"].astype(bool).any():
         table["note"] = front["noise"]
     others = len(table.to_string(index=False).splitlines()[0])
@@ -174,8 +175,13 @@ def dry_run(space: SearchSpace, echo=print, samples: int = 256) -> int:
         echo(f"error: {exc}")
         return EXIT_BAD_INPUT
     dims = dimensions(space)
+    kind = space.task.task_type
+    head = "head included" if kind == "classification" else "no task head"
+    classes = f", {probe.num_classes} classes" if kind == "classification" else ""
     echo(f"space {space.name!r} is valid: model {space.model.checkpoint} ({probe.base_params:,} parameters), "
-         f"task {space.task.name} ({probe.num_classes} classes)")
+         f"task {space.task.name} ({kind}{classes})")
+    for note in probe.data.notes:
+        echo(f"note: {note}")
     echo(f"budget: rungs {space.training.budget.steps()} steps; pruner {space.search.pruner.name}; "
          f"sampler {space.search.sampler}; strategy {space.search.strategy}")
     echo(f"{len(dims)} searched dimension(s) (the names search.enqueue takes):")
@@ -186,13 +192,13 @@ def dry_run(space: SearchSpace, echo=print, samples: int = 256) -> int:
     configs = [sample_trial(space, study.ask()) for _ in range(samples if dims else 1)]
     sizes = sorted(probe.trainable(c) for c in configs)
     pct = 100.0 / probe.base_params
-    echo(f"trainable parameters (closed form, head included, over {len(configs)} sampled configurations): "
+    echo(f"trainable parameters (closed form, {head}, over {len(configs)} sampled configurations): "
          f"{sizes[0]:,} ({sizes[0] * pct:.2f}%) to {sizes[-1]:,} ({sizes[-1] * pct:.2f}%) of the base model")
     limit = trainable_limit(space, probe.base_params)
     if limit is not None:
         over = sum(s > limit for s in sizes)
         echo(f"search.max_trainable {limit:,}: {over} of {len(sizes)} sampled configurations would be rejected")
-    middle = configs[len(configs) // 2]
+    middle = sorted(configs, key=probe.trainable)[len(configs) // 2]  # the configuration of median size
     step = probe.step_seconds(middle, threads=max(1, int(space.search.cpus_per_trial)))
     s = space.search
     runs = s.num_trials + s.reevaluate.top * s.reevaluate.seeds
@@ -264,6 +270,8 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
         return EXIT_BAD_INPUT
     base_params = int(info["base_params"])
     limit = trainable_limit(space, base_params)
+    for note in info["notes"]:
+        echo(f"note: {note}")
 
     parent = SearchRun(uri, space.tracking.experiment, results_dir / "mlartifacts", run_name, space, space_text)
     callback = MlflowTrialCallback(parent, space, echo=echo)
@@ -330,7 +338,7 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
         echo(line)
     echo("")
     echo("next: `make dashboard` to browse, `python -m search.export -o best.yaml` then "
-         "`python -m trials.train best.yaml` to train the most accurate Pareto trial")
+         "`python -m trials.train best.yaml` to train the best Pareto trial")
     return 0 if status == results.STATUS_FINISHED and counts.get("finished", 0) > 0 else 1
 
 

@@ -36,7 +36,7 @@ from ray.tune.search import Searcher
 from search.hypervolume import search_hypervolume
 from search.pruners import SIZE_ATTR, make_pruner, record_rung
 from space.config import PRUNER_OPTIONS, SearchSpace, TrialConfig, dimensions, sample_trial
-from space.metrics import WORST, better, direction, quality_metric, size_metric
+from space.metrics import WORST, better, direction, quality_metric, size_metric, test_metric
 from space.stages import selected_methods, stage1_space, stage2_sampler
 from trials.report import FINISHED
 
@@ -61,8 +61,12 @@ class Recorder(Protocol):
 
 
 def config_key(cfg: TrialConfig) -> str:
-    """Two proposals are the same configuration when everything but the seed is equal."""
-    return json.dumps(cfg.model_dump(mode="json", exclude={"seed"}), sort_keys=True)
+    """Two proposals are the same configuration when everything but the seed is equal. A language-model task with no
+    method trains nothing, so its training settings (the learning rate, ...) do not make it another one."""
+    exclude: dict[str, Any] = {"seed": True}
+    if not cfg.methods and cfg.task.task_type != "classification":
+        exclude["training"] = True
+    return json.dumps(cfg.model_dump(mode="json", exclude=exclude), sort_keys=True)
 
 
 def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
@@ -225,7 +229,7 @@ class PeftSearcher(Searcher):
                     phase.queue.append((seeded, row["number"]))
             phase.budget = len(phase.queue)
             if top:
-                self.echo(f"re-evaluating the {len(top)} most accurate front configurations with {r.seeds} more "
+                self.echo(f"re-evaluating the {len(top)} best front configurations with {r.seeds} more "
                           f"seed(s) each ({phase.budget} trials at the full budget)")
 
     @staticmethod
@@ -414,7 +418,7 @@ class PeftSearcher(Searcher):
             state, tell = "interrupted", TrialState.FAIL
         self.states[trial_id] = state
         if finished and result is not None:
-            metrics = {k: result[k] for k in (*self.objectives, "test_accuracy") if k in result}
+            metrics = {k: result[k] for k in (*self.objectives, test_metric(self.quality)) if k in result}
             self.results.append({"number": live.number, "phase": live.phase, "cfg": live.cfg, **metrics,
                                  "trainable_params": live.size})
         if live.ot is not None:

@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 from search.results import CONFIG_ARTIFACT
 from space.config import SearchSpace, TrialConfig
-from space.metrics import METRICS, kind
+from space.metrics import METRICS, kind, test_metric
 from trials.report import FINISHED
 
 # Per-rung metrics are logged as curves; the rest of the final report is logged once.
@@ -167,8 +167,9 @@ class MlflowTrialCallback(Callback):
         label = self._label(self.numbers.get(trial.trial_id, 0), self._phase(trial))
         q = last.get(self.quality, float("nan"))
         if status == "finished":
-            self.echo(f"{label} finished  {self.quality} {q:.3f}  test_accuracy "
-                      f"{last.get('test_accuracy', float('nan')):.3f}  params {int(last.get('trainable_params', 0)):,}"
+            test = test_metric(self.quality)
+            self.echo(f"{label} finished  {self.quality} {q:.3f}  {test} "
+                      f"{last.get(test, float('nan')):.3f}  params {int(last.get('trainable_params', 0)):,}"
                       f"  {self.summaries.get(trial.trial_id, '')}")
         else:
             self.echo(f"{label} {status:<9} at step {last.get('step', '?')} ({self.quality} {q:.3f})")

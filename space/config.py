@@ -15,8 +15,18 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from space.methods import METHOD_SPACES, MethodConfig, MethodSpace, method_config, sample_method
-from space.metrics import DEFAULT_OBJECTIVES, OBJECTIVE_METRICS, Direction, direction, quality_metric
+from space.methods import METHOD_SPACES, MethodConfig, MethodSpace, PromptConfig, method_config, sample_method
+from space.metrics import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVE_METRICS,
+    TASK_METRICS,
+    Direction,
+    default_objectives,
+    direction,
+    fits_task,
+    kind,
+    quality_metric,
+)
 from space.params import (
     Choices,
     FloatRange,
@@ -68,17 +78,56 @@ def _identity_splits() -> dict[SplitName, str]:
     return {"train": "train", "validation": "validation", "test": "test"}
 
 
+TaskType = Literal["classification", "causal_lm", "multiple_choice"]
+TASK_TYPES: tuple[str, ...] = get_args(TaskType)
+
+# The type of each built-in task (user data says its own with ``type``; classification when it does not).
+BUILTIN_TASK_TYPES: dict[str, TaskType] = {
+    "digits": "classification",
+    "pydoc_topics": "classification",
+    "stdlib_docstrings": "causal_lm",
+    "stdlib_functions": "multiple_choice",
+}
+
+# Which column roles each task type reads from user data (``task.columns``), with the default column names.
+# causal_lm takes either prompt/response or Alpaca's instruction/input/output (input may be empty or absent).
+COLUMN_ROLES: dict[str, dict[str, str]] = {
+    "classification": {"text": "text", "label": "label"},
+    "causal_lm": {"prompt": "prompt", "response": "response", "instruction": "instruction", "input": "input",
+                  "output": "output"},
+    "multiple_choice": {"question": "question", "choices": "choices", "answer": "answer"},
+}
+
+
 class TaskSpec(Strict):
-    name: Literal["digits", "pydoc_topics", "csv", "jsonl", "hf"] = "digits"
-    shots_per_class: int = Field(default=10, ge=1)  # built-in tasks: size of the few-shot training split
+    """What a trial learns: a built-in task or user data, and the task type.
+
+    ``type``: ``classification`` (a linear head on the pooled hidden state), ``causal_lm`` (supervised fine-tuning
+    on prompt/response pairs, the loss on response tokens only) or ``multiple_choice`` (each choice scored by the
+    language model's log-likelihood of it given the question). Built-in tasks have a fixed type.
+    """
+
+    name: Literal["digits", "pydoc_topics", "stdlib_docstrings", "stdlib_functions", "csv", "jsonl", "hf"] = "digits"
+    type: TaskType | None = None  # None: the built-in task's type, classification for user data
+    shots_per_class: int = Field(default=10, ge=1)  # built-in classification tasks: size of the few-shot train split
     split_seed: int = 0  # fixes the built-in splits; never searched
     files: dict[Literal["train", "validation", "test"], str] = Field(default_factory=dict)  # csv / jsonl
     hf_dataset: str | None = None  # hf: dataset name or local path for datasets.load_dataset
     hf_config: str | None = None
     hf_splits: dict[SplitName, str] = Field(default_factory=_identity_splits)  # ours -> the dataset's names
-    text_column: str = "text"
-    label_column: str = "label"
+    # Column names by role (COLUMN_ROLES); multiple_choice's ``choices`` is one list-valued column, or a list of
+    # columns holding one choice each (CSV). Unset roles use the role's own name as the column name.
+    columns: dict[str, str | list[str]] = Field(default_factory=dict)
+    text_column: str = "text"  # classification (the same as columns.text)
+    label_column: str = "label"  # classification (the same as columns.label)
     max_length: int = Field(default=128, ge=1)
+    # multiple_choice: a choice's score is its summed token log-likelihood ("sum") or that divided by its token
+    # count ("mean", which does not favour short choices).
+    choice_scoring: Literal["sum", "mean"] = "mean"
+    # causal_lm: greedy generation of up to max_new_tokens on the first exact_match_examples validation rows gives
+    # val_exact_match (0 turns it off).
+    max_new_tokens: int = Field(default=0, ge=0)
+    exact_match_examples: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")
     def _sources(self) -> TaskSpec:
@@ -86,7 +135,37 @@ class TaskSpec(Strict):
             raise ValueError(f"task {self.name!r} needs files.train")
         if self.name == "hf" and not self.hf_dataset:
             raise ValueError("task 'hf' needs hf_dataset")
+        builtin = BUILTIN_TASK_TYPES.get(self.name)
+        if builtin is not None and self.type is not None and self.type != builtin:
+            raise ValueError(f"type: task {self.name!r} is a {builtin} task, not {self.type}")
+        roles = COLUMN_ROLES[self.task_type]
+        for role, column in self.columns.items():
+            if role not in roles:
+                raise ValueError(f"columns.{role}: not a column role of a {self.task_type} task "
+                                 f"(its roles: {', '.join(roles)})")
+            if isinstance(column, list) and role != "choices":
+                raise ValueError(f"columns.{role}: one column name, not a list")
+        # Checked on the values, not on what was set: a saved trial config writes every field out.
+        if self.task_type != "multiple_choice" and self.choice_scoring != "mean":
+            raise ValueError(f"choice_scoring: only a multiple_choice task scores choices, this is {self.task_type}")
+        if self.task_type != "causal_lm" and self.max_new_tokens:
+            raise ValueError(f"max_new_tokens: only a causal_lm task generates, this is {self.task_type}")
         return self
+
+    @property
+    def task_type(self) -> TaskType:
+        return self.type or BUILTIN_TASK_TYPES.get(self.name, "classification")
+
+    def column(self, role: str) -> str | list[str]:
+        """The column that holds ``role`` in user data (classification's text/label also honour text_column and
+        label_column)."""
+        if role in self.columns:
+            return self.columns[role]
+        if role == "text":
+            return self.text_column
+        if role == "label":
+            return self.label_column
+        return COLUMN_ROLES[self.task_type][role]
 
 
 # Forward-pass precision of a trial: bf16/fp16 run under torch.autocast with fp32 master weights (fp16 with
@@ -202,7 +281,7 @@ PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
 class PrunerSpec(Strict):
     """Which Optuna pruner stops trials at the budget rungs (search/pruners.py has the exact rules).
 
-    ``pareto`` (the default) prunes a trial at a rung when ``min_better`` (1) trials that are no larger had reached
+    ``pareto`` (the default) prunes a trial at a rung when ``min_better`` (2) trials that are no larger had reached
     a value at least ``margin`` (0.02) better at that rung, once ``min_peers`` trials have reached it: a trial can only
     make the front by beating the trials no larger than itself. ``median`` and ``percentile`` compare with a
     percentile of the rung's values, ``successive_halving`` keeps the top 1/``reduction_factor`` at each rung, and
@@ -210,7 +289,7 @@ class PrunerSpec(Strict):
     """
 
     name: PrunerName = "pareto"
-    min_better: int = Field(default=1, ge=1)  # pareto
+    min_better: int = Field(default=2, ge=1)  # pareto
     margin: float = Field(default=0.02, ge=0)  # pareto: in the quality objective's units
     min_peers: int = Field(default=4, ge=1)  # every pruner: trials at a rung before anything there is pruned
     warmup_steps: int = Field(default=0, ge=0)  # no pruning at rungs at or below this step
@@ -322,8 +401,20 @@ class TrackingSpec(Strict):
     experiment: str = "mamba-peft-search"
 
 
+def suffix_refusal(position: str, task_type: str) -> str:
+    """A suffix prompt follows an example's last token, so it only changes the output at that position: what a
+    classifier reads, but nothing a language model's loss or choice score reads (the last position predicts no
+    target token)."""
+    return (f"methods.prompt_tuning.position: {position} places tokens after the last token, whose output a "
+            f"{task_type} task never reads; use prefix")
+
+
+def position_text(position: Any) -> str:
+    return str(position.choices) if isinstance(position, Choices) else repr(position)
+
+
 def _default_objectives() -> list[Objective]:
-    return [Objective(metric=m) for m in DEFAULT_OBJECTIVES]
+    return [Objective(metric=m) for m in DEFAULT_OBJECTIVES]  # replaced by the task type's in SearchSpace
 
 
 class SearchSpace(Strict):
@@ -361,9 +452,39 @@ class SearchSpace(Strict):
                 raise ValueError(_format_errors(exc, prefix=name).split("\n")[0]) from None
         return out
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_objectives(cls, raw: Any) -> Any:
+        """A space that names no objectives optimises its task type's first quality metric and the size."""
+        if not isinstance(raw, dict) or raw.get("objectives") is not None:
+            return raw
+        try:
+            task = raw.get("task")
+            task_type = (task if isinstance(task, TaskSpec) else TaskSpec.model_validate(task or {})).task_type
+        except ValidationError:
+            return raw  # the task's own error is reported where it is validated
+        return {**raw, "objectives": [{"metric": m} for m in default_objectives(task_type)]}
+
     @model_validator(mode="after")
     def _objectives(self) -> SearchSpace:
+        task_type = self.task.task_type
         names = [o.metric for o in self.objectives]
+        for i, name in enumerate(names):
+            if not fits_task(name, task_type):
+                fitting = [m for m in TASK_METRICS[task_type] if kind(m) == "rung"]
+                raise ValueError(f"objectives.{i}.metric: a {task_type} task does not measure {name!r}; it measures "
+                                 f"{', '.join(fitting)} (and sizes and costs)")
+        if "val_exact_match" in names and self.task.max_new_tokens == 0:
+            raise ValueError("objectives: val_exact_match needs task.max_new_tokens > 0 (the generation length)")
+        prompt = self.methods.get("prompt_tuning")
+        if task_type != "classification" and prompt is not None:
+            position = prompt.position
+            values = position.choices if isinstance(position, Choices) else [position]
+            if any(v != "prefix" for v in values):
+                raise ValueError(suffix_refusal(position_text(position), task_type))
+        if task_type != "classification" and self.model.pooling != "last":
+            raise ValueError(f"model.pooling: only a classification task pools hidden states; a {task_type} task "
+                             f"reads the language model's own next-token predictions")
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: {names} names a metric twice")
         try:
@@ -471,6 +592,14 @@ class TrialConfig(Strict):
                     raise ValueError(_format_errors(exc, prefix=name).split("\n")[0]) from None
         return out
 
+    @model_validator(mode="after")
+    def _prompt_fits_task(self) -> TrialConfig:
+        prompt = self.methods.get("prompt_tuning")
+        task_type = self.task.task_type
+        if task_type != "classification" and isinstance(prompt, PromptConfig) and prompt.position != "prefix":
+            raise ValueError(suffix_refusal(repr(prompt.position), task_type))
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -487,7 +616,7 @@ class TrialConfig(Strict):
 
     def summary(self) -> str:
         if not self.methods:
-            return "head only"
+            return "head only" if self.task.task_type == "classification" else "base model (nothing trained)"
         parts = []
         for name, cfg in self.methods.items():
             rank = getattr(cfg, "rank", None)

@@ -21,6 +21,13 @@ Kind = Literal["rung", "size", "cost", "report"]
 METRICS: dict[str, tuple[Direction, str, Kind]] = {
     "val_accuracy": ("max", "validation accuracy", "rung"),
     "test_accuracy": ("max", "test accuracy (reported, never used to choose)", "report"),
+    # causal_lm: mean negative log-likelihood per response token (nats), its exp, and greedy exact match
+    "val_loss": ("min", "validation loss (nats per response token)", "rung"),
+    "test_loss": ("min", "test loss (reported, never used to choose)", "report"),
+    "val_perplexity": ("min", "validation perplexity", "rung"),
+    "test_perplexity": ("min", "test perplexity (reported, never used to choose)", "report"),
+    "val_exact_match": ("max", "validation exact match (greedy generation)", "rung"),
+    "test_exact_match": ("max", "test exact match (reported, never used to choose)", "report"),
     "trainable_params": ("min", "trainable parameters", "size"),
     "trainable_pct": ("min", "trainable parameters (% of model)", "size"),
     "train_seconds": ("min", "training time (s)", "cost"),
@@ -28,10 +35,34 @@ METRICS: dict[str, tuple[Direction, str, Kind]] = {
 }
 
 # The worst value a bounded metric can take (the hypervolume's reference where it has one).
-WORST: dict[str, float] = {"val_accuracy": 0.0, "test_accuracy": 0.0}
+WORST: dict[str, float] = {"val_accuracy": 0.0, "test_accuracy": 0.0, "val_exact_match": 0.0,
+                           "test_exact_match": 0.0}
 
-# What a space optimises when it names no objectives.
+# What a space optimises when it names no objectives (a classification or multiple-choice task).
 DEFAULT_OBJECTIVES = ("val_accuracy", "trainable_params")
+
+# The quality metrics (rung and report kinds) each task type measures; size and cost metrics fit every type.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("val_accuracy", "test_accuracy"),
+    "multiple_choice": ("val_accuracy", "test_accuracy"),
+    "causal_lm": ("val_loss", "test_loss", "val_perplexity", "test_perplexity", "val_exact_match",
+                  "test_exact_match"),
+}
+
+
+def default_objectives(task_type: str) -> tuple[str, ...]:
+    """The objectives of a space that names none: the task type's first quality metric and the size."""
+    return (TASK_METRICS[task_type][0], "trainable_params")
+
+
+def fits_task(metric: str, task_type: str) -> bool:
+    """Whether a task of ``task_type`` measures ``metric``."""
+    return kind(metric) in ("size", "cost") or metric in TASK_METRICS[task_type]
+
+
+def test_metric(quality: str) -> str:
+    """The test-split twin of a validation metric (reported beside it, never used to choose)."""
+    return "test_" + quality.removeprefix("val_")
 
 # Metrics a search may optimise: every kind but ``report``.
 OBJECTIVE_METRICS = tuple(m for m, (_, _, kind) in METRICS.items() if kind != "report")

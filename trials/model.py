@@ -47,7 +47,31 @@ def use_scan(lm: Any, scan: str) -> Any:
     return lm
 
 
-class SequenceClassifier(nn.Module):
+class _OnBackbone(nn.Module):
+    """The hidden states of a Mamba causal LM's backbone for right-padded ``ids`` of ``lengths``."""
+
+    lm: Any
+
+    @property
+    def backbone(self) -> Any:
+        return self.lm.backbone
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embeddings(ids)
+
+    def hidden(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, D] hidden states of the last layer (after the final norm)."""
+        inputs = self.embed(ids)  # [B, L, D]
+        # Prompt tuning places a suffix after each example's last real token, so it needs to know them; other
+        # methods do not, and without a mask the fused CUDA path stays available.
+        mask = None
+        if getattr(self.backbone, "prompt_tuning", None) is not None:
+            mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()  # [B, L]
+        # No generation cache: with one, transformers (and so our mixer) take the step-by-step cached path.
+        return self.backbone(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+class SequenceClassifier(_OnBackbone):
     """A Mamba backbone with a linear head on the hidden state at the last real position (or their mean).
 
     Right padding is assumed: with a causal model the last real position has seen the whole example and
@@ -58,33 +82,57 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if pooling not in ("last", "mean"):
             raise ValueError(f"model.pooling: {pooling!r} is not one of 'last', 'mean'")
-        self.lm: Any = lm
+        self.lm = lm
         self.pooling = pooling
         hidden = lm.config.hidden_size
         self.head = nn.Linear(hidden, num_classes)
-
-    @property
-    def backbone(self) -> Any:
-        return self.lm.backbone
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         hidden = self.pooled(ids, lengths)  # [B, D]
         return self.head(hidden)  # [B, classes]
 
     def pooled(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        inputs = self.embed(ids)  # [B, L, D]
-        # Prompt tuning places a suffix after each example's last real token, so it needs to know them; other
-        # methods do not, and without a mask the fused CUDA path stays available.
-        mask = None
-        if getattr(self.backbone, "prompt_tuning", None) is not None:
-            mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()  # [B, L]
-        # No generation cache: with one, transformers (and so our mixer) take the step-by-step cached path.
-        states = self.backbone(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+        states = self.hidden(ids, lengths)  # [B, L, D]
         if self.pooling == "last":
             idx = (lengths - 1).clamp(min=0)
             return states[torch.arange(states.shape[0]), idx]  # [B, D]
         mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).to(states.dtype)  # [B, L]
         return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # [B, D]
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.embeddings(ids)
+
+class LanguageModel(_OnBackbone):
+    """The causal LM itself, for ``causal_lm`` and ``multiple_choice`` tasks: no task head, the model's own
+    (frozen, usually tied) ``lm_head`` predicts the next token."""
+
+    head: nn.Module | None = None
+
+    def __init__(self, lm: Any) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, V] next-token logits at every position."""
+        return self.lm.lm_head(self.hidden(ids, lengths))
+
+    def continuation_logprobs(self, ids: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-likelihood of each row's continuation ``ids[i, starts[i]:lengths[i]]`` given what precedes it.
+
+        Returns ``(summed log-probability [B], continuation token count [B])``. Only the positions that predict a
+        continuation token go through ``lm_head``, so a large vocabulary costs [tokens, V], not [B, L, V].
+        """
+        hidden = self.hidden(ids, lengths)  # [B, L, D]
+        pos = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, L]
+        predicts = (pos >= starts[:, None] - 1) & (pos < lengths[:, None] - 1)  # position t predicts ids[t + 1]
+        rows, cols = predicts.nonzero(as_tuple=True)  # [T]
+        logits = self.lm.lm_head(hidden[rows, cols]).float()  # [T, V]
+        token_lp = logits.log_softmax(-1).gather(1, ids[rows, cols + 1][:, None])[:, 0]  # [T]
+        summed = torch.zeros(ids.shape[0], device=ids.device, dtype=token_lp.dtype).index_add(0, rows, token_lp)
+        return summed, predicts.sum(1)
+
+
+def task_model(lm: Any, task_type: str, num_classes: int, pooling: str) -> SequenceClassifier | LanguageModel:
+    """The trainable model of a trial: a classifier for classification, the language model itself otherwise."""
+    if task_type == "classification":
+        return SequenceClassifier(lm, num_classes, pooling)
+    return LanguageModel(lm)

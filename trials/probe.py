@@ -9,6 +9,7 @@ also makes a bad checkpoint or data file an error before the first trial starts.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -42,19 +43,23 @@ class Probe:
         """Closed-form trainable parameters of ``cfg``: its methods plus the task head."""
         return expected_trainable(cfg, self.dims, self.num_classes)
 
-    def info(self) -> dict[str, int]:
-        return {"base_params": self.base_params, "num_classes": self.num_classes}
+    def info(self) -> dict[str, Any]:
+        """What the driver prints and needs: sizes, and what loading the task changed (rows truncated)."""
+        return {"base_params": self.base_params, "num_classes": self.num_classes, "notes": list(self.data.notes)}
 
     def step_seconds(self, cfg: TrialConfig, warmup: int = 2, steps: int = 5, threads: int | None = None) -> float:
         """Measured seconds of one training step of ``cfg`` (after ``warmup`` steps), for cost estimates; with
         ``threads``, on that many CPU threads, as a Ray trial with that many CPUs runs."""
-        from trials.run import batches, forward_precision, optimizer_step
+        from trials.run import forward_precision, optimizer_step
+        from trials.tasktypes import batches, train_loss
 
         if threads is not None:
             torch.set_num_threads(threads)
 
         built = build_trial(cfg, self.data, trial_device())
         opt = make_optimizer(built, cfg)
+        if opt is None:
+            return 0.0  # nothing to train: the trial only evaluates
         params = [p for p in built.model.parameters() if p.requires_grad]
         it = batches(built.data.train, cfg.training.batch_size, torch.Generator().manual_seed(cfg.seed))
         device = trial_device()
@@ -63,9 +68,8 @@ class Probe:
         for i in range(warmup + steps):
             if i == warmup:
                 t0 = time.perf_counter()
-            ids, lengths, labels = next(it)
+            batch = tuple(x.to(device) for x in next(it))
             with forward_precision(device, cfg.training.precision):
-                logits = built.model(ids.to(device), lengths.to(device))
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+                loss = train_loss(built.model, batch, cfg.task)
             optimizer_step(loss, opt, None, params, cfg.training.grad_clip)
         return (time.perf_counter() - t0) / steps

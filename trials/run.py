@@ -19,20 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from space.config import TrialConfig
+from space.config import TaskSpec, TrialConfig
 from space.methods import SdtConfig
 from trials.data import Split, TaskData
 from trials.methods import AppliedMethods, ModelDims, apply_methods, count_params
 from trials.methods.sdt import warmup_selection
-from trials.model import SequenceClassifier, load_base_model
+from trials.model import LanguageModel, SequenceClassifier, load_base_model, task_model
 from trials.report import FINISHED, Report
 from trials.tasks import load_task
+from trials.tasktypes import batches, evaluate_split, train_loss
 
 
 @dataclass
 class TrialResult:
-    val_accuracy: float
-    test_accuracy: float
+    """A trained trial's figures. ``scores`` holds the task type's metrics on validation and test, named as in
+    space/metrics.py (``val_accuracy``, ``test_accuracy``; ``val_loss``, ``val_perplexity``, ...)."""
+
+    scores: dict[str, float]
     trainable_params: int
     trainable_pct: float
     method_params: dict[str, int]
@@ -42,17 +45,26 @@ class TrialResult:
     status: str = "finished"
     curve: list[dict[str, float]] = field(default_factory=list)
 
+    @property
+    def val_accuracy(self) -> float:
+        return self.scores["val_accuracy"]
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.scores["test_accuracy"]
+
     def metrics(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("curve")
         out.pop("method_params")
+        out.update(out.pop("scores"))
         out.update({f"params_{k}": v for k, v in self.method_params.items()})
         return out
 
 
 @dataclass
 class BuiltTrial:
-    model: SequenceClassifier
+    model: SequenceClassifier | LanguageModel
     applied: AppliedMethods
     data: TaskData
     trainable_params: int
@@ -92,7 +104,9 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
     if data.max_token_id() >= lm.config.vocab_size:
         raise ValueError(f"task {data.name!r} uses token id {data.max_token_id()} but model.checkpoint "
                          f"{cfg.model.checkpoint!r} has vocab_size {lm.config.vocab_size}")
-    model = SequenceClassifier(lm, data.num_classes, cfg.model.pooling)
+    if data.type != cfg.task.task_type:
+        raise ValueError(f"task {data.name!r} holds {data.type} data, but the trial is a {cfg.task.task_type} task")
+    model = task_model(lm, data.type, data.num_classes, cfg.model.pooling)
     dims = ModelDims.from_config(lm.config)  # the base model's sizes (additional-scan enlarges the state)
     applied = apply_methods(lm, cfg.methods)  # freezes lm, then adds the methods' tensors
     model.to(device)
@@ -104,17 +118,21 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
     return BuiltTrial(model, applied, data, trainable, total)
 
 
-def make_optimizer(built: BuiltTrial, cfg: TrialConfig) -> torch.optim.Optimizer:
+def make_optimizer(built: BuiltTrial, cfg: TrialConfig) -> torch.optim.Optimizer | None:
+    """AdamW over the trial's parameter groups; None when nothing is trainable (a language-model task with no
+    method: the base model as it is)."""
     t = cfg.training
     groups = built.applied.param_groups(t.learning_rate, t.weight_decay)
-    head = list(built.model.head.parameters())
-    groups.append({"params": head, "lr": t.learning_rate * t.head_lr_mult, "weight_decay": t.weight_decay,
-                   "name": "head"})
+    if built.model.head is not None:  # classification's head; the language-model task types have none
+        groups.append({"params": list(built.model.head.parameters()), "lr": t.learning_rate * t.head_lr_mult,
+                       "weight_decay": t.weight_decay, "name": "head"})
     # Anything else left trainable (a baseline that unfreezes the backbone) trains at the base rates.
     covered = {id(p) for g in groups for p in g["params"]}
     rest = [p for p in built.model.parameters() if p.requires_grad and id(p) not in covered]
     if rest:
         groups.append({"params": rest, "lr": t.learning_rate, "weight_decay": t.weight_decay, "name": "base"})
+    if not any(g["params"] for g in groups):
+        return None
     return torch.optim.AdamW(groups, lr=t.learning_rate)
 
 
@@ -169,21 +187,27 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
         scaler.update()
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str | torch.device = "cpu",
              precision: str = "fp32") -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(split), batch_size):
-        ids = split.ids[i : i + batch_size].to(device)
-        lengths = split.lengths[i : i + batch_size].to(device)
-        ids = ids[:, : int(lengths.max())]  # drop all-padding columns
-        with forward_precision(device, precision):
-            logits = model(ids, lengths)
-        correct += int((logits.argmax(-1).cpu() == split.labels[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, len(split))
+    """Accuracy of a classifier on ``split`` (``trials.tasktypes.evaluate_split`` measures every task type)."""
+    task = TaskSpec()  # classification
+    data = TaskData("split", 0, split, split, split)
+    return evaluate_split(model, split, data, task, eos_id=None, device=device,
+                          precision_ctx=lambda: forward_precision(device, precision),
+                          batch_size=batch_size)["accuracy"]
+
+
+def split_scores(model: nn.Module, built: BuiltTrial, cfg: TrialConfig, split: Split, prefix: str,
+                 device: torch.device) -> dict[str, float]:
+    """The task type's metrics on ``split``, named ``<prefix>_<metric>`` (``val_loss``, ``test_accuracy``)."""
+    scores = evaluate_split(model, split, built.data, cfg.task, eos_id=eos_token(built),
+                            device=device, precision_ctx=lambda: forward_precision(device, cfg.training.precision))
+    return {f"{prefix}_{k}": v for k, v in scores.items()}
+
+
+def eos_token(built: BuiltTrial) -> int | None:
+    eos = getattr(built.model.lm.config, "eos_token_id", None)
+    return eos if isinstance(eos, int) else None
 
 
 def trial_device() -> torch.device:
@@ -220,17 +244,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def batches(split: Split, batch_size: int, generator: torch.Generator):
-    """Endless shuffled mini-batches, reshuffled every epoch."""
-    n = len(split)
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n - (n % batch_size if n > batch_size else 0), batch_size):
-            rows = order[i : i + batch_size]
-            lengths = split.lengths[rows]
-            yield split.ids[rows, : int(lengths.max())], lengths, split.labels[rows]
-
-
 def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | None = None,
               data: TaskData | None = None, built: BuiltTrial | None = None) -> TrialResult:
     """Train ``cfg`` on its budget's schedule (``steps`` overrides the budget) and evaluate it.
@@ -247,6 +260,8 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     steps = steps or t.max_steps
     rungs = {r for r in t.rungs if r < steps} | {steps}
     opt = make_optimizer(built, cfg)
+    if opt is None:
+        return _untrained(cfg, built, report, steps, sorted(rungs), device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, t.warmup_fraction))
     trainable = [p for p in model.parameters() if p.requires_grad]
     scaler = grad_scaler(device, t.precision)
@@ -256,13 +271,12 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     model.train()
     t0 = time.perf_counter()
     train_seconds = 0.0
-    val_acc = 0.0
+    val: dict[str, float] = {}
     loss_sum, loss_n = 0.0, 0
     for step in range(1, steps + 1):
-        ids, lengths, labels = next(it)
+        batch = tuple(x.to(device) for x in next(it))
         with forward_precision(device, t.precision):
-            logits = model(ids.to(device), lengths.to(device))  # [B, classes]
-        loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
+            loss = train_loss(model, batch, cfg.task)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step} (learning rate too high?)")
         optimizer_step(loss, opt, scaler, trainable, t.grad_clip)
@@ -273,16 +287,34 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         if step in rungs:
             train_seconds += time.perf_counter() - t0
-            val_acc = evaluate(model, built.data.val, device=device, precision=t.precision)
-            point = {"step": step, "val_accuracy": val_acc, "train_loss": loss_sum / loss_n}
+            val = split_scores(model, built, cfg, built.data.val, "val", device)
+            point = {"step": step, **val, "train_loss": loss_sum / loss_n}
             curve.append(point)
             loss_sum, loss_n = 0.0, 0
             if report is not None and step != steps:
                 report({**point, "trainable_params": built.trainable_params, FINISHED: False})
             t0 = time.perf_counter()
-    test_acc = evaluate(model, built.data.test, device=device, precision=t.precision)
+    return _finish(cfg, built, report, steps, val, curve, train_seconds, device)
+
+
+def _untrained(cfg: TrialConfig, built: BuiltTrial, report: Report | None, steps: int, rungs: list[int],
+               device: torch.device) -> TrialResult:
+    """A trial with nothing to train (the base model as it is): measured once, reported at every rung."""
+    val = split_scores(built.model, built, cfg, built.data.val, "val", device)
+    curve = [{"step": step, **val, "train_loss": math.nan} for step in rungs]
+    for point in curve[:-1]:
+        if report is not None:
+            report({**point, "trainable_params": built.trainable_params, FINISHED: False})
+    return _finish(cfg, built, report, steps, val, curve, 0.0, device)
+
+
+def _finish(cfg: TrialConfig, built: BuiltTrial, report: Report | None, steps: int, val: dict[str, float],
+            curve: list[dict[str, float]], train_seconds: float, device: torch.device) -> TrialResult:
+    """Test metrics, the result, and the last report (``finished: True``)."""
+    model = built.model
+    test = split_scores(model, built, cfg, built.data.test, "test", device)
     result = TrialResult(
-        val_accuracy=val_acc, test_accuracy=test_acc, trainable_params=built.trainable_params,
+        scores={**val, **test}, trainable_params=built.trainable_params,
         trainable_pct=100.0 * built.trainable_params / built.total_params,
         method_params=built.applied.num_params(), train_seconds=train_seconds,
         peak_memory_mb=peak_memory_mb(device), steps_done=steps, curve=curve)

@@ -6,7 +6,7 @@ Writes to ``--out`` (default ``outputs/<config name>``):
   loadable onto a fresh copy of the base model with ``load_trained``;
 - ``merged/``: when every method is mergeable, a plain Hugging Face Mamba checkpoint (``save_pretrained``)
   with the methods folded into its weights, plus ``head.safetensors``;
-- ``metrics.json``: validation and test accuracy, parameter counts, time, and the merge check.
+- ``metrics.json``: the task type's validation and test metrics, parameter counts, time, and the merge check.
 """
 
 from __future__ import annotations
@@ -20,18 +20,26 @@ import torch
 
 from space.config import SpaceError, TrialConfig
 from trials.methods import REGISTRY, load_adapters, merge_methods, save_adapters
-from trials.model import SequenceClassifier, load_base_model
+from trials.model import LanguageModel, SequenceClassifier, load_base_model, task_model
 from trials.run import build_trial, quiet_transformers, run_trial, trial_device
 
 HEAD_FILE = "head.safetensors"
 
 
-def _head_state(model: SequenceClassifier) -> dict[str, torch.Tensor]:
+def _head_state(model: SequenceClassifier | LanguageModel) -> dict[str, torch.Tensor]:
+    """The classification head's tensors; a language-model task type has no head."""
+    if model.head is None:
+        return {}
     return {f"head.{k}": v for k, v in model.head.state_dict().items()}
 
 
-def _load_head(model: SequenceClassifier, tensors: dict[str, torch.Tensor]) -> None:
-    model.head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+def _load_head(model: SequenceClassifier | LanguageModel, tensors: dict[str, torch.Tensor]) -> None:
+    if model.head is not None:
+        model.head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+
+
+def _scores(m: dict, prefix: str) -> str:
+    return "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(prefix) and isinstance(v, float))
 
 
 def train(cfg: TrialConfig, out: Path, steps: int | None = None, echo=print) -> dict:
@@ -41,7 +49,7 @@ def train(cfg: TrialConfig, out: Path, steps: int | None = None, echo=print) -> 
 
     def progress(m: dict) -> None:
         if not m.get("finished"):
-            echo(f"step {m['step']:>5}  val_acc {m['val_accuracy']:.3f}  loss {m['train_loss']:.3f}")
+            echo(f"step {m['step']:>5}  {_scores(m, 'val_')}  loss {m['train_loss']:.3f}")
 
     result = run_trial(cfg, report=progress, steps=steps, built=built)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,18 +72,19 @@ def train(cfg: TrialConfig, out: Path, steps: int | None = None, echo=print) -> 
     else:
         metrics["merge_max_rel_error"] = None  # some method cannot be folded into the base weights
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    echo(f"val_acc {result.val_accuracy:.3f}  test_acc {result.test_accuracy:.3f}  saved to {out}")
+    echo(f"{_scores(result.scores, 'val_')}  {_scores(result.scores, 'test_')}  saved to {out}")
     return metrics
 
 
 @torch.no_grad()
-def merge_error(adapted: SequenceClassifier, merged: SequenceClassifier, ids: torch.Tensor,
+def merge_error(adapted: SequenceClassifier | LanguageModel, merged: SequenceClassifier | LanguageModel,
+                ids: torch.Tensor,
                 lengths: torch.Tensor) -> float:
     a, m = adapted.eval()(ids, lengths), merged.eval()(ids, lengths)
     return float(((a - m).abs().max() / a.abs().max().clamp_min(1e-12)).item())
 
 
-def load_trained(out: Path, merged: bool = False) -> SequenceClassifier:
+def load_trained(out: Path, merged: bool = False) -> SequenceClassifier | LanguageModel:
     """Rebuild a model saved by ``train``: the merged checkpoint, or the base model plus the adapter."""
     quiet_transformers()
     cfg = TrialConfig.from_yaml((out / "trial_config.yaml").read_text(), where=str(out / "trial_config.yaml"))
@@ -88,8 +97,8 @@ def load_trained(out: Path, merged: bool = False) -> SequenceClassifier:
         lm = load_base_model(cfg.model.checkpoint, cfg.model.scan)
         _, extra = load_adapters(lm, out / "adapter")
         head = extra
-    num_classes = head["head.weight"].shape[0]
-    model = SequenceClassifier(lm, num_classes, cfg.model.pooling)
+    num_classes = head["head.weight"].shape[0] if "head.weight" in head else 0
+    model = task_model(lm, cfg.task.task_type, num_classes, cfg.model.pooling)
     _load_head(model, head)
     return model.eval()
 

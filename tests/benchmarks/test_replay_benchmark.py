@@ -47,7 +47,7 @@ def test_order_matters_a_trial_is_judged_only_against_earlier_ones():
 
 def test_evaluate_reports_ratios_against_the_same_trials_unpruned():
     curves = [_curve(0, 500, {30: 0.60}, 0.80), _curve(1, 1000, {30: 0.40}, 0.50), _curve(2, 900, {30: 0.3}, 0.4)]
-    result = evaluate([_row(curves)], "pareto", {"min_peers": 2, "margin": 0.0})
+    result = evaluate([_row(curves)], "pareto", {"min_better": 1, "min_peers": 2, "margin": 0.0})
     assert result["steps"] == pytest.approx((240 + 30 + 30) / (3 * 240))
     assert result["hypervolume"] == pytest.approx(1.0)  # the two pruned trials were dominated at the end too
 

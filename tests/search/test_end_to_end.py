@@ -146,6 +146,20 @@ def test_dry_run_prints_dimensions_sizes_and_cost_without_ray(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_dry_run_of_a_causal_lm_task_names_its_type_notes_truncation_and_times_a_median_configuration(tmp_path,
+                                                                                                    capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("task: {name: stdlib_docstrings, max_length: 64}\n"
+                     "methods: {lora_in_proj: {enabled: search}, a_log_delta: {enabled: search}}\n")
+    assert search_main([str(space), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "task stdlib_docstrings (causal_lm)" in out and "classes" not in out
+    assert "rows longer than max_length 64 were truncated" in out and "note: stdlib_docstrings.train" in out
+    assert "closed form, no task head" in out and "0 (0.00%)" in out  # no method: the base model as it is
+    step = out.split("a training step takes ")[1]
+    assert not step.startswith("0 ms") and "nothing trained" not in step  # a median-size configuration trains
+
+
 def test_end_of_search_table_fits_120_columns_whatever_the_methods():
     import pandas as pd
 

@@ -43,9 +43,20 @@ def test_adding_a_dominated_trial_never_changes_the_hypervolume_and_a_better_one
 
 
 def test_percentage_size_uses_one_hundred_percent_as_reference():
-    hv = search_hypervolume([{"val_accuracy": 0.5, "trainable_pct": 1.0}], "val_accuracy", "trainable_pct", 1)
+    hv = search_hypervolume([{"val_accuracy": 0.5, "trainable_pct": 1.0}], "val_accuracy", "trainable_pct",
+                             10_000)
     assert hv == pytest.approx(0.5 * (2 - 0))
 
 
 def test_without_a_size_objective_it_is_the_best_quality_above_its_reference():
     assert search_hypervolume([{"val_accuracy": 0.3}, {"val_accuracy": 0.6}], "val_accuracy", None, 10) == 0.6
+
+
+def test_a_trial_with_nothing_trainable_counts_as_one_parameter():
+    rows = [{"val_loss": 2.0, "trainable_params": 0}, {"val_loss": 1.0, "trainable_params": 100},
+            {"val_loss": 3.0, "trainable_params": 1000}]
+    # loss reference: the worst finished value, 3.0; sizes 0 -> log10(1) = 0, 100 -> 2, reference log10(1e4) = 4
+    assert search_hypervolume(rows, "val_loss", "trainable_params", 10_000) == pytest.approx(1.0 * 2 + 2.0 * 2)
+    pct = [{"val_loss": 2.0, "trainable_pct": 0.0}, {"val_loss": 3.0, "trainable_pct": 50.0}]
+    # one parameter of 10,000 is 0.01 %: log10(0.01) = -2, reference log10(100) = 2
+    assert search_hypervolume(pct, "val_loss", "trainable_pct", 10_000) == pytest.approx(1.0 * 4)

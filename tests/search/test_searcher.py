@@ -349,3 +349,17 @@ def test_the_search_is_complete_once_the_last_phase_is_spent_even_if_ray_stops_a
     assert isinstance(again, dict) and again["phase"] == "reevaluate" and not s.exhausted()
     finish(s, "r", 0.5)
     assert s.exhausted()  # Ray may stop at its sample count here, without asking again
+
+
+def test_a_language_model_task_with_no_method_is_one_configuration_whatever_its_learning_rate():
+    from search.searcher import config_key
+
+    def cfg(task: dict, lr: float, methods: dict | None = None) -> TrialConfig:
+        return TrialConfig.model_validate({"model": {}, "task": task, "methods": methods or {},
+                                           "training": {"learning_rate": lr}})
+
+    lm = {"name": "stdlib_docstrings"}
+    assert config_key(cfg(lm, 1e-3)) == config_key(cfg(lm, 5e-3))  # nothing trains: the rate changes nothing
+    assert config_key(cfg(lm, 1e-3, {"a_log_delta": {}})) != config_key(cfg(lm, 5e-3, {"a_log_delta": {}}))
+    digits = {"name": "digits"}
+    assert config_key(cfg(digits, 1e-3)) != config_key(cfg(digits, 5e-3))  # the head trains at that rate
