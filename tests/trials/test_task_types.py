@@ -220,3 +220,24 @@ def test_a_causal_lm_trial_reports_its_metrics_at_every_rung_and_learns():
 def test_trial_config_of_a_user_task_loads_with_its_type():
     with pytest.raises(SpaceError):
         TrialConfig.from_yaml("model: {}\ntask: {name: csv, type: nonsense, files: {train: x}}\n", where="t.yaml")
+
+
+@pytest.mark.slow
+def test_a_trained_causal_lm_trial_saves_and_reloads_to_the_same_predictions(tmp_path):
+    from trials.train import load_trained, train
+
+    cfg = TrialConfig.model_validate({
+        "model": {}, "task": {"name": "stdlib_docstrings", "max_length": 48},
+        "methods": {"lora_in_proj": {"rank": 2}, "a_log_delta": {}},
+        "training": {"rungs": [4], "learning_rate": 0.01, "batch_size": 8}})
+    metrics = train(cfg, tmp_path, echo=lambda line: None)
+    assert {"val_loss", "test_loss", "val_perplexity"} <= set(metrics) and "val_accuracy" not in metrics
+    assert metrics["merge_max_rel_error"] is not None and metrics["merge_max_rel_error"] < 1e-4
+    from trials.tasks import load_task
+
+    data = load_task(cfg.task, cfg.model)
+    for merged in (False, True):
+        model = load_trained(tmp_path, merged=merged)
+        assert isinstance(model, LanguageModel) and model.head is None
+        scores = evaluate_split(model, data.val, data, cfg.task, eos_id=None)
+        assert scores["loss"] == pytest.approx(metrics["val_loss"], rel=1e-4), merged  # what train reported
