@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ARMS = {
     "tpe+pareto": {"sampler": "tpe", "pruner": "pareto", "strategy": "one_stage"},
     "tpe": {"sampler": "tpe", "pruner": "none", "strategy": "one_stage"},
@@ -48,12 +50,16 @@ METHODS = {
 }
 
 
-def bench_space(task: str, arm: str, seed: int, trials: int, min_steps: int, max_steps: int) -> Any:
+def bench_space(task: str, arm: str, seed: int, trials: int, min_steps: int, max_steps: int,
+                pruner_options: dict[str, Any] | None = None) -> Any:
     from space.config import SearchSpace
 
     settings = ARMS[arm]
+    pruner: Any = settings["pruner"]
+    if pruner != "none" and pruner_options:
+        pruner = {"name": pruner, **pruner_options}
     search: dict[str, Any] = {"num_trials": trials, "seed": seed, "sampler": settings["sampler"],
-                              "pruner": settings["pruner"], "strategy": settings["strategy"],
+                              "pruner": pruner, "strategy": settings["strategy"],
                               "reevaluate": {"top": 0}, "concurrency": 1}
     return SearchSpace.model_validate({
         "name": f"bench-{task}-{arm}-{seed}",
@@ -78,7 +84,8 @@ class _Silent:
         pass
 
 
-def run_search(task: str, arm: str, seed: int, trials: int, min_steps: int, max_steps: int) -> dict[str, Any]:
+def run_search(task: str, arm: str, seed: int, trials: int, min_steps: int, max_steps: int,
+               pruner_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One search, its trials trained in this process one after another; returns its figures."""
     import optuna
     import torch
@@ -92,7 +99,7 @@ def run_search(task: str, arm: str, seed: int, trials: int, min_steps: int, max_
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = bench_space(task, arm, seed, trials, min_steps, max_steps)
+    space = bench_space(task, arm, seed, trials, min_steps, max_steps, pruner_options)
     probe = Probe(space.model, space.task)
     searcher = PeftSearcher(space, optuna.storages.InMemoryStorage(), space.name, probe, None, probe.base_params,
                             _Silent(), echo=lambda line: None)
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-steps", type=int, default=30)
     p.add_argument("--max-steps", type=int, default=240)
     p.add_argument("--workers", type=int, default=2, help="searches run side by side, one CPU thread each")
+    p.add_argument("--pruner-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a search.pruner setting for the pruned arms, e.g. min_better=1 (repeatable)")
     p.add_argument("--json", type=Path, help="also write every row and the ratios here")
     p.add_argument("--combine", nargs="+", type=Path, help="print the rows and ratios of earlier --json files "
                    "(e.g. one run per task) instead of running")
@@ -182,11 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in ratios(combined).items():
             print(f"{name}: {value:.3f}")
         return 0
-    jobs = [(task, arm, seed, a.trials, a.min_steps, a.max_steps) for task in a.tasks for seed in a.seeds
+    options = {}
+    for item in a.pruner_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--pruner-option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)  # 1 -> int, 0.02 -> float, true -> bool
+    jobs = [(task, arm, seed, a.trials, a.min_steps, a.max_steps, options) for task in a.tasks for seed in a.seeds
             for arm in a.arms]
     t0 = time.perf_counter()
     print(f"{len(jobs)} searches of {a.trials} trials ({len(a.tasks)} tasks x {len(a.seeds)} seeds x "
-          f"{len(a.arms)} arms), budget {a.min_steps}..{a.max_steps} steps, {a.workers} at a time", flush=True)
+          f"{len(a.arms)} arms), budget {a.min_steps}..{a.max_steps} steps, {a.workers} at a time"
+          + (f", pruner options {options}" if options else ""), flush=True)
     rows: list[dict[str, Any]] = []
     with multiprocessing.get_context("spawn").Pool(a.workers) as pool:
         for row in pool.imap_unordered(_run, jobs):

@@ -112,6 +112,9 @@ def pareto_figure(df: pd.DataFrame, front: pd.DataFrame, x: str, y: str, stairca
     step line; it is only meaningful when (x, y) are exactly the objectives the front was computed on."""
     fig = go.Figure()
     plotted = df[plottable(df, x, y)]
+    # Baselines (search.baselines) are references, drawn apart and never as candidates of the front.
+    is_baseline = plotted.get("phase", pd.Series("", index=plotted.index)) == results.BASELINE
+    refs, plotted = plotted[is_baseline], plotted[~is_baseline]
     statuses = list(STATUS_STYLE) + sorted(set(plotted.status) - set(STATUS_STYLE))
     hover = "%{text}<br>%{customdata}<br>" + f"{label(x)}: %{{x}}<br>{label(y)}: %{{y}}"
     for status in statuses:
@@ -123,6 +126,11 @@ def pareto_figure(df: pd.DataFrame, front: pd.DataFrame, x: str, y: str, stairca
             x=part[x], y=part[y], mode="markers", name=status, text=part.trial, customdata=part.methods,
             marker={"color": colour, "symbol": symbol, "size": 9},
             hovertemplate=hover + f"<extra>{status}</extra>"))
+    for _, ref in refs.iterrows():
+        fig.add_trace(go.Scatter(
+            x=[ref[x]], y=[ref[y]], mode="markers", name=str(ref.methods), text=[ref.trial],
+            customdata=[ref.methods], marker={"color": "black", "symbol": "triangle-up", "size": 13},
+            hovertemplate=hover + "<extra>baseline</extra>"))
     if not front.empty:
         # Sorted along x so the step line walks the front; "hv" draws the boundary of the dominated region
         # for x minimised and y maximised, which plot_axes guarantees.

@@ -27,6 +27,7 @@ CONFIG_ARTIFACT = "trial_config.yaml"
 STATUS_RUNNING, STATUS_FINISHED, STATUS_PRUNED, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_DUPLICATE, \
     STATUS_REJECTED = TRIAL_STATES
 REEVALUATE = "reevaluate"
+BASELINE = "baseline"  # search.baselines: references drawn beside the front, never on it
 
 
 class ResultsError(LookupError):
@@ -105,14 +106,23 @@ def trials(c, experiment: str, search_run_id: str) -> pd.DataFrame:
 def pareto(df: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
     """Finished trials on the Pareto front of ``objectives``, best first (see ``ranking_metric``). Only trials that
     trained the full budget qualify: pruned, failed and interrupted trials never do, duplicates repeat a trial
-    that is already there, and re-evaluation runs are seeds of a front trial (``reevaluated``)."""
+    that is already there, re-evaluation runs are seeds of a front trial (``reevaluated``), and baselines are
+    references (``baselines``)."""
     if df.empty or "status" not in df or any(m not in df for m in objectives):
         return df.iloc[0:0]
-    done = df[(df.status == STATUS_FINISHED) & (df.get("phase", "search") != REEVALUATE)].reset_index(drop=True)
+    phase = df.get("phase", pd.Series("search", index=df.index))
+    done = df[(df.status == STATUS_FINISHED) & ~phase.isin([REEVALUATE, BASELINE])].reset_index(drop=True)
     idx = pareto_indices(done.to_dict("records"), objectives)
     front = done.iloc[idx]
     key = ranking_metric(objectives)
     return front.sort_values(key, ascending=direction(key) == "min", kind="stable").reset_index(drop=True)
+
+
+def baselines(df: pd.DataFrame) -> pd.DataFrame:
+    """The finished baseline trials (``search.baselines``) of a search."""
+    if df.empty or "phase" not in df or "status" not in df:
+        return df.iloc[0:0]
+    return df[(df.phase == BASELINE) & (df.status == STATUS_FINISHED)].reset_index(drop=True)
 
 
 def reevaluated(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:

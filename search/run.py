@@ -201,11 +201,12 @@ def dry_run(space: SearchSpace, echo=print, samples: int = 256) -> int:
     middle = sorted(configs, key=probe.trainable)[len(configs) // 2]  # the configuration of median size
     step = probe.step_seconds(middle, threads=max(1, int(space.search.cpus_per_trial)))
     s = space.search
-    runs = s.num_trials + s.reevaluate.top * s.reevaluate.seeds
+    runs = s.num_trials + s.reevaluate.top * s.reevaluate.seeds + len(s.baselines)
     hours = runs * space.training.budget.max_steps * step / max(1, s.concurrency) / 3600
     echo(f"a training step takes {step * 1000:.0f} ms here on {max(1, int(s.cpus_per_trial))} CPU thread(s) "
          f"({middle.summary()}); {s.num_trials} trials + "
-         f"{s.reevaluate.top * s.reevaluate.seeds} re-evaluations at {space.training.budget.max_steps} steps, "
+         f"{s.reevaluate.top * s.reevaluate.seeds} re-evaluations + {len(s.baselines)} baselines at "
+         f"{space.training.budget.max_steps} steps, "
          f"{s.concurrency} at a time: at most {hours * 60:.1f} min of training (pruning stops many trials early)")
     return 0
 
@@ -297,7 +298,8 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
             # searcher once more, so that it says it is done rather than Ray stopping at its count.
             tune_config=tune.TuneConfig(search_alg=tune.search.ConcurrencyLimiter(searcher, s.concurrency),
                                         scheduler=RungScheduler(searcher), reuse_actors=True,
-                                        num_samples=s.num_trials + s.reevaluate.top * s.reevaluate.seeds + 1),
+                                        num_samples=s.num_trials + s.reevaluate.top * s.reevaluate.seeds
+                                        + len(s.baselines) + 1),
             run_config=tune.RunConfig(name=run_name, storage_path=str(results_dir / "ray"), verbose=0,
                                       callbacks=[callback], failure_config=tune.FailureConfig(max_failures=0)),
         )
@@ -336,6 +338,14 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
     echo("Pareto front (trials that trained the full budget; \u00b1 is the spread over re-evaluation seeds):")
     for line in format_front(front, objectives).splitlines():
         echo(line)
+    refs = results.baselines(df)
+    if not refs.empty:
+        echo("baselines (references, not candidates of the front):")
+        test = test_metric(space.quality)
+        for _, row in refs.iterrows():
+            echo(f"  {row.get('methods', ''):<28} {space.quality} {float(row.get(space.quality, float('nan'))):.3f}  "
+                 f"{test} {float(row.get(test, float('nan'))):.3f}  "
+                 f"trainable_params {int(row.get('trainable_params', 0)):,}")
     echo("")
     echo("next: `make dashboard` to browse, `python -m search.export -o best.yaml` then "
          "`python -m trials.train best.yaml` to train the best Pareto trial")

@@ -35,7 +35,7 @@ from ray.tune.search import Searcher
 
 from search.hypervolume import search_hypervolume
 from search.pruners import SIZE_ATTR, make_pruner, record_rung
-from space.config import PRUNER_OPTIONS, SearchSpace, TrialConfig, dimensions, sample_trial
+from space.config import PRUNER_OPTIONS, SearchSpace, TrialConfig, baseline_trial, dimensions, sample_trial
 from space.metrics import WORST, better, direction, quality_metric, size_metric, test_metric
 from space.stages import selected_methods, stage1_space, stage2_sampler
 from trials.report import FINISHED
@@ -111,13 +111,18 @@ def penalty(metric: str, size: int, base_params: int) -> float:
     return -1e12 if direction(metric) == "max" else 1e12
 
 
+# Phases whose trials are references, never candidates: not on the front, not in the hypervolume, not "best".
+REFERENCE_PHASES = ("baseline", "reevaluate")
+
+
 @dataclass
 class Phase:
-    name: str  # search | stage1 | stage2 | reevaluate
+    name: str  # baseline | search | stage1 | stage2 | reevaluate
     budget: int
     study: optuna.Study | None = None
     sample: Callable[[Any], TrialConfig] | None = None
-    queue: list[tuple[TrialConfig, int]] = field(default_factory=list)  # reevaluate: (config, of trial number)
+    # baseline and reevaluate: (config, the trial number it re-evaluates or None)
+    queue: list[tuple[TrialConfig, int | None]] = field(default_factory=list)
     proposed: int = 0
 
 
@@ -198,6 +203,9 @@ class PeftSearcher(Searcher):
         assert first.study is not None
         for params in s.enqueue:
             first.study.enqueue_trial(params, skip_if_exists=True)
+        if s.baselines:  # after the searched phases, so searched trials are numbered 1..num_trials
+            queue: list[tuple[TrialConfig, int | None]] = [(baseline_trial(self.space, b), None) for b in s.baselines]
+            phases.append(Phase("baseline", len(queue), queue=queue))
         if s.reevaluate.top > 0:
             phases.append(Phase("reevaluate", 0))
         return phases
@@ -237,7 +245,8 @@ class PeftSearcher(Searcher):
         return "none" if row is None else f"trial-{row['number']:03d}"
 
     def _best(self, phase: str | None = None) -> dict[str, Any] | None:
-        rows = [r for r in self.results if phase is None or r["phase"] == phase]
+        rows = [r for r in self.results
+                if r["phase"] == phase or (phase is None and r["phase"] not in REFERENCE_PHASES)]
         best = None
         for r in rows:
             if best is None or better(self.quality, r[self.quality], best[self.quality]) or (
@@ -249,7 +258,7 @@ class PeftSearcher(Searcher):
         """Finished configurations on the Pareto front of the objectives, most accurate first."""
         from search.pareto import pareto_indices
 
-        rows = [r for r in self.results if r["phase"] != "reevaluate"]
+        rows = [r for r in self.results if r["phase"] not in REFERENCE_PHASES]
         front = [rows[i] for i in pareto_indices(rows, self.objectives)]
         sign = -1.0 if self._direction() == "max" else 1.0
         return sorted(front, key=lambda r: (sign * r[self.quality], r["trainable_params"]))
@@ -265,8 +274,8 @@ class PeftSearcher(Searcher):
                 return Searcher.FINISHED
             phase = self.phases[self.current]
             if phase.proposed >= phase.budget:
-                if any(live.phase == phase.name for live in self.live.values()):
-                    return None  # the next phase needs this one's results
+                if phase.name != "baseline" and any(live.phase == phase.name for live in self.live.values()):
+                    return None  # the next phase needs this one's results (nothing needs the baselines')
                 if self.current + 1 < len(self.phases) and self._out_of_time():
                     self.done = True
                     return Searcher.FINISHED  # said why; the next phase is not started
@@ -275,7 +284,7 @@ class PeftSearcher(Searcher):
             if self._out_of_time():
                 self.done = True
                 return Searcher.FINISHED
-            if phase.name == "reevaluate":
+            if phase.name in REFERENCE_PHASES:
                 cfg, of = phase.queue[phase.proposed]
                 phase.proposed += 1
                 return self._launch(trial_id, phase, cfg, None, {}, self.sizes.trainable(cfg), of)
@@ -433,7 +442,7 @@ class PeftSearcher(Searcher):
                     self._settle_duplicate(ot, phase, cfg, self.outcomes[live.key])
                 else:  # its twin failed or was interrupted: this one is trained after all
                     self.relaunch.append((ot, phase, cfg, size))
-        if live.phase != "reevaluate":
+        if live.phase not in REFERENCE_PHASES:
             self._completed()
 
     def exhausted(self) -> bool:
@@ -463,7 +472,7 @@ class PeftSearcher(Searcher):
         return ids
 
     def hypervolume(self) -> float:
-        rows = [r for r in self.results if r["phase"] != "reevaluate"]
+        rows = [r for r in self.results if r["phase"] not in REFERENCE_PHASES]
         return search_hypervolume(rows, self.quality, self.size, self.base_params)
 
     def state_of(self, trial_id: str) -> str:

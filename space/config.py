@@ -8,6 +8,7 @@ a ``TrialConfig`` through an ``optuna.Trial``-like suggester; replaying the same
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -348,6 +349,27 @@ def _trainable_limit(value: Any) -> Any:
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 
 
+BaselineName = Literal["full", "head"]
+BASELINE_LABELS = {"full": "full fine-tuning", "head": "head only", "scratch": "from scratch"}
+
+
+class BaselineSpec(Strict):
+    """A reference trial beside the search (``search.baselines``): ``full`` fine-tunes every parameter of the
+    checkpoint, ``head`` trains the task head alone (a linear probe; for a language-model task type, the base model
+    as it is). It trains the full budget once, is drawn beside the front with its own marker, and is never a
+    candidate of the PEFT front nor counted in its hypervolume. ``learning_rate``: its own rate; by default the
+    space's when that is fixed, else the geometric middle of the searched range (``python -m trials.compare`` tunes
+    each arm's rate on validation)."""
+
+    name: BaselineName
+    learning_rate: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, raw: Any) -> Any:
+        return {"name": raw} if isinstance(raw, str) else raw
+
+
 class SearchSpec(Strict):
     num_trials: int = Field(default=12, ge=1)  # configurations proposed (rejected and duplicate ones included)
     concurrency: int = Field(default=2, ge=1)
@@ -360,6 +382,7 @@ class SearchSpec(Strict):
     strategy: Literal["one_stage", "two_stage"] = "one_stage"
     stage1_trials: int | None = Field(default=None, ge=1)  # two_stage; default half of num_trials
     reevaluate: Reevaluate = Field(default_factory=Reevaluate)
+    baselines: list[BaselineSpec] = Field(default_factory=list)  # reference trials: full, head (BaselineSpec)
     time_budget: Annotated[float | None, BeforeValidator(_seconds)] = None  # wall clock, seconds (or "45m", "2h")
     max_trainable: Annotated[int | str | None, BeforeValidator(_trainable_limit)] = None  # count or "2%"
     # Configurations evaluated first, as sampled parameter names and values (``python -m search.run --dry-run``
@@ -575,6 +598,9 @@ class TrialConfig(Strict):
     methods: dict[str, SerializeAsAny[MethodConfig]] = Field(default_factory=dict)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     seed: int = 0
+    # A reference trial instead of PEFT (trials/baselines.py): full fine-tuning, the head alone, or the
+    # architecture trained from scratch. A baseline has no methods.
+    baseline: Literal["full", "head", "scratch"] | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -591,6 +617,12 @@ class TrialConfig(Strict):
                 except ValidationError as exc:
                     raise ValueError(_format_errors(exc, prefix=name).split("\n")[0]) from None
         return out
+
+    @model_validator(mode="after")
+    def _baseline_alone(self) -> TrialConfig:
+        if self.baseline is not None and self.methods:
+            raise ValueError(f"baseline: a {self.baseline} baseline takes no methods, got {', '.join(self.methods)}")
+        return self
 
     @model_validator(mode="after")
     def _prompt_fits_task(self) -> TrialConfig:
@@ -615,6 +647,8 @@ class TrialConfig(Strict):
             raise SpaceError(_format_errors(exc, where=where)) from None
 
     def summary(self) -> str:
+        if self.baseline is not None:
+            return f"baseline: {BASELINE_LABELS[self.baseline]}"
         if not self.methods:
             return "head only" if self.task.task_type == "classification" else "base model (nothing trained)"
         parts = []
@@ -622,6 +656,29 @@ class TrialConfig(Strict):
             rank = getattr(cfg, "rank", None)
             parts.append(f"{name}(r={rank})" if rank is not None else name)
         return " + ".join(parts)
+
+
+class _Middle:
+    """A Suggester that answers every searched value with its middle: the first choice, or the (geometric, for a
+    log range) midpoint of a range."""
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        mid = math.sqrt(low * high) if log else (low + high) / 2
+        return low + round((mid - low) / step) * step
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        return math.sqrt(low * high) if log else (low + high) / 2
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return list(choices)[0]
+
+
+def baseline_trial(space: SearchSpace, spec: BaselineSpec) -> TrialConfig:
+    """The TrialConfig of a ``search.baselines`` entry: no methods, the space's training settings at their middle
+    (``_Middle``), the baseline's own learning rate when it has one."""
+    base = sample_trial(space.model_copy(update={"methods": {}}), _Middle())
+    training = base.training.model_copy(update={"learning_rate": spec.learning_rate or base.training.learning_rate})
+    return TrialConfig.model_validate({**base.model_dump(), "training": training.model_dump(), "baseline": spec.name})
 
 
 def sample_trial(space: SearchSpace, trial: Suggester, seed: int | None = None) -> TrialConfig:

@@ -17,7 +17,7 @@ from space.config import ModelSpec, TaskSpec, TrialConfig
 from trials.data import TaskData
 from trials.methods import ModelDims
 from trials.model import resolve_checkpoint
-from trials.run import build_trial, expected_trainable, make_optimizer, quiet_transformers, trial_device
+from trials.run import build_trial, expected_trainable, head_params, make_optimizer, quiet_transformers, trial_device
 from trials.tasks import load_task
 
 
@@ -40,7 +40,12 @@ class Probe:
         self.num_classes = self.data.num_classes
 
     def trainable(self, cfg: TrialConfig) -> int:
-        """Closed-form trainable parameters of ``cfg``: its methods plus the task head."""
+        """Closed-form trainable parameters of ``cfg``: its methods plus the task head (a baseline: the head alone, or
+        every parameter of the model)."""
+        if cfg.baseline == "head":
+            return head_params(self.dims, self.num_classes)
+        if cfg.baseline is not None:
+            return self.base_params + head_params(self.dims, self.num_classes)
         return expected_trainable(cfg, self.dims, self.num_classes)
 
     def info(self) -> dict[str, Any]:

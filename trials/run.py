@@ -97,6 +97,10 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
     quiet_transformers()
     torch.manual_seed(cfg.seed)
     data = data or load_task(cfg.task, cfg.model)
+    if cfg.baseline is not None:  # a reference trial: full fine-tuning, the head alone, or from scratch
+        from trials.baselines import build_baseline  # trials.baselines imports this module
+
+        return build_baseline(cfg, data, cfg.baseline, device)
     sdt = cfg.methods.get("sdt")
     if isinstance(sdt, SdtConfig) and sdt.selection is None:  # SDT picks its dimensions in a warm-up run first
         cfg = cfg.model_copy(update={"methods": {**cfg.methods, "sdt": warmup_selection(cfg, data)}})

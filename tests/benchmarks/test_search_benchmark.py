@@ -15,6 +15,12 @@ def test_every_arm_is_a_valid_space_of_the_same_dimensions(arm):
     assert space.search.sampler == ARMS[arm]["sampler"] and space.search.pruner.name == ARMS[arm]["pruner"]
 
 
+def test_pruner_options_reach_the_pruned_arms_only():
+    pruned = bench_space("digits", "tpe+pareto", 0, 24, 30, 240, {"min_better": 1, "margin": 0.0})
+    assert pruned.search.pruner.min_better == 1 and pruned.search.pruner.margin == 0.0
+    assert bench_space("digits", "tpe", 0, 24, 30, 240, {"min_better": 1}).search.pruner.name == "none"
+
+
 def test_ratios_pair_the_arms_per_task_and_seed():
     rows = [{"task": "digits", "seed": s, "arm": arm, "steps": steps, "hypervolume": hv, "best": 0.5}
             for s in (0, 1)

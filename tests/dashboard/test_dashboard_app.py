@@ -320,3 +320,20 @@ def test_dashboard_imports_neither_ray_nor_torch(store: Store) -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_baselines_are_drawn_apart_from_the_trials_and_the_front() -> None:
+    import pandas as pd
+
+    from dashboard.app import pareto_figure
+
+    df = pd.DataFrame({"trial": ["trial-001", "trial-002", "trial-003"], "status": ["finished"] * 3,
+                       "phase": ["search", "baseline", "baseline"],
+                       "methods": ["lora_in_proj(r=2)", "baseline: full fine-tuning", "baseline: head only"],
+                       "val_accuracy": [0.5, 0.7, 0.3], "trainable_params": [2000, 150_000, 650]})
+    front = df.iloc[[0]]
+    fig = pareto_figure(df, front, "trainable_params", "val_accuracy", staircase=True)
+    names = [t.name for t in fig.data]
+    assert names == ["finished", "baseline: full fine-tuning", "baseline: head only", "Pareto front"]
+    assert list(fig.data[0].text) == ["trial-001"]  # the status trace holds the searched trial only
+    assert [t.marker.symbol for t in fig.data[1:3]] == ["triangle-up", "triangle-up"]

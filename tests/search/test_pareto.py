@@ -80,3 +80,15 @@ def test_best_trial_is_chosen_by_the_mean_over_seeds():
     assert results.best_trial(front, objectives)["trial"] == "trial-003"
     means = front.assign(val_accuracy_mean=[0.5, 0.9, 0.6][: len(front)])
     assert results.best_trial(means, objectives)["trial"] == means.sort_values("val_accuracy_mean").iloc[-1].trial
+
+
+def test_baselines_are_listed_apart_and_never_reach_the_front():
+    from search.results import baselines
+
+    df = pd.DataFrame({"trial": ["trial-001", "trial-002", "trial-003", "trial-004"],
+                       "status": ["finished", "finished", "finished", "failed"],
+                       "phase": ["search", "baseline", "baseline", "baseline"],
+                       "val_accuracy": [0.5, 0.9, 0.4, 0.95], "trainable_params": [1000, 150_000, 650, 650]})
+    front = pareto(df, ["val_accuracy", "trainable_params"])
+    assert list(front.trial) == ["trial-001"]  # the full baseline's 0.9 and the head's 650 would both be on it
+    assert list(baselines(df).trial) == ["trial-002", "trial-003"]  # finished ones only

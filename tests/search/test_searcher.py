@@ -11,6 +11,7 @@ import yaml
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from search.hypervolume import search_hypervolume
 from search.pruners import RUNG_ATTR
 from search.searcher import STATE_ATTR, PeftSearcher, make_sampler
 from space.config import SearchSpace, TrialConfig, sample_trial
@@ -363,3 +364,47 @@ def test_a_language_model_task_with_no_method_is_one_configuration_whatever_its_
     assert config_key(cfg(lm, 1e-3, {"a_log_delta": {}})) != config_key(cfg(lm, 5e-3, {"a_log_delta": {}}))
     digits = {"name": "digits"}
     assert config_key(cfg(digits, 1e-3)) != config_key(cfg(digits, 5e-3))  # the head trains at that rate
+
+
+def test_baselines_train_after_the_search_and_never_join_the_front_or_the_hypervolume():
+    space = make_space({"search": {"num_trials": 3, "baselines": ["head", {"name": "full", "learning_rate": 1e-3}],
+                                   "reevaluate": {"top": 1, "seeds": 1}}})
+    s, _ = searcher_for(space)
+    launched: list[dict] = []
+    for i in range(20):
+        config = s.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            break
+        if config is None:
+            continue
+        launched.append(config)
+        cfg = TrialConfig.model_validate_json(config["trial"])
+        finish(s, f"t{i}", 0.99 if cfg.baseline == "full" else 0.4 + 0.01 * i)
+    phases = [c["phase"] for c in launched]
+    assert phases == ["search"] * 3 + ["baseline"] * 2 + ["reevaluate"], phases
+    baselines = [TrialConfig.model_validate_json(c["trial"]) for c in launched if c["phase"] == "baseline"]
+    assert [b.baseline for b in baselines] == ["head", "full"] and not any(b.methods for b in baselines)
+    assert baselines[1].training.learning_rate == 1e-3
+    assert [c["number"] for c in launched[:3]] == [1, 2, 3]  # searched trials keep the first numbers
+    # The full baseline's 0.99 would top the front: it is a reference, so neither the front, the hypervolume,
+    # the best trial nor the re-evaluated configuration is it.
+    assert all(r["cfg"].baseline is None for r in s._front())
+    searched = [r for r in s.results if r["phase"] == "search"]
+    assert s.hypervolume() == pytest.approx(search_hypervolume(searched, "val_accuracy", "trainable_params",
+                                                                100_000))
+    assert TrialConfig.model_validate_json(launched[-1]["trial"]).baseline is None
+
+
+def test_a_baseline_takes_no_methods_and_its_learning_rate_defaults_to_the_middle_of_the_range():
+    from space.config import baseline_trial
+
+    space = make_space({"training": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}},
+                        "search": {"baselines": ["full"]}})
+    cfg = baseline_trial(space, space.search.baselines[0])
+    assert cfg.baseline == "full" and cfg.methods == {} and cfg.training.learning_rate == pytest.approx(1e-3)
+    assert cfg.summary() == "baseline: full fine-tuning"
+    with pytest.raises(ValueError, match="a head baseline takes no methods, got a_log_delta"):
+        TrialConfig.model_validate({"model": {}, "task": {"name": "digits"}, "baseline": "head",
+                                    "methods": {"a_log_delta": {}}})
+    with pytest.raises(ValueError, match="search.baselines.0.name"):
+        SearchSpace.model_validate({"search": {"baselines": ["lora"]}})

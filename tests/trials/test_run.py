@@ -79,3 +79,17 @@ def test_evaluation_runs_on_the_project_scan_not_the_generation_cache_path(monke
 
     monkeypatch.setattr(MambaMixer, "forward", cached_path)
     assert 0.0 <= evaluate(built.model, built.data.val) <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["full", "head"])
+def test_a_baseline_trial_builds_with_the_closed_form_count_the_search_rejects_and_plots_by(kind):
+    from space.config import TaskSpec, TrialConfig
+    from trials.probe import Probe
+    from trials.run import build_trial
+
+    cfg = TrialConfig.model_validate({"model": {}, "task": {"name": "digits", "shots_per_class": 2},
+                                      "baseline": kind})
+    probe = Probe(cfg.model, TaskSpec(name="digits", shots_per_class=2))
+    built = build_trial(cfg, probe.data)
+    assert built.trainable_params == probe.trainable(cfg)
+    assert built.trainable_params == (probe.base_params + 650 if kind == "full" else 650)
