@@ -54,8 +54,10 @@ test: $(STAMP)
 	$(BIN)/mypy search space trials dashboard benchmarks
 	$(BIN)/python -m pytest
 
+# 127.0.0.1 unless exposed on purpose: make dashboard ADDRESS=0.0.0.0
+ADDRESS ?= 127.0.0.1
 dashboard: $(STAMP)
-	$(BIN)/streamlit run dashboard/app.py --server.headless true
+	$(BIN)/streamlit run dashboard/app.py --server.headless true --server.address $(ADDRESS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check search space trials dashboard benchmarks tests
