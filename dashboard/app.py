@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from search import results
 from space.config import SpaceError, TrialConfig
 from space.metrics import DEFAULT_OBJECTIVES, METRICS, direction, label
+from space.secrets import mask
 
 STATUS_STYLE = {  # status: (colour, marker symbol), in the order legends and counts list them
     results.STATUS_FINISHED: ("#1f77b4", "circle"),
@@ -241,10 +242,10 @@ def main() -> None:
         st.warning(str(exc))
         return
     except MlflowException as exc:
-        st.error(f"cannot read the MLflow store at {uri}: {exc.message}")
+        st.error(f"cannot read the MLflow store at {mask(uri)}: {mask(exc.message)}")
         return
     if found.empty:
-        st.info(f"experiment {experiment!r} at {uri} has no searches yet; start one with "
+        st.info(f"experiment {experiment!r} at {mask(uri)} has no searches yet; start one with "
                 "`python -m search.run space.yaml`")
         return
 

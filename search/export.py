@@ -15,6 +15,7 @@ from pathlib import Path
 
 from search import results
 from space.config import SpaceError, TrialConfig
+from space.secrets import mask
 
 
 def export(tracking_uri: str, experiment: str, search_run: str | None = None, run: str | None = None
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except results.ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    a.out.write_text(f"# exported from MLflow run {run} ({a.tracking_uri})\n" + cfg.to_yaml())
+    a.out.write_text(f"# exported from MLflow run {run} ({mask(a.tracking_uri)})\n" + cfg.to_yaml())
     print(f"wrote {a.out}: {cfg.summary()} (run {run}); train it with `python -m trials.train {a.out}`")
     return 0
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from search.pareto import pareto_indices
 from space.metrics import DEFAULT_OBJECTIVES, TRIAL_STATES, direction, quality_metric, size_metric, test_metric
+from space.secrets import mask
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "mamba-peft-search"
@@ -43,14 +44,14 @@ def client(tracking_uri: str):
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.exists():
-            raise ResultsError(f"no MLflow store at {db} (tracking URI {tracking_uri}); run a search first")
+            raise ResultsError(f"no MLflow store at {db} (tracking URI {mask(tracking_uri)}); run a search first")
     return MlflowClient(tracking_uri=tracking_uri)
 
 
 def experiment_id(c, experiment: str) -> str:
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
-        raise ResultsError(f"no MLflow experiment named {experiment!r} at {c.tracking_uri}")
+        raise ResultsError(f"no MLflow experiment named {experiment!r} at {mask(c.tracking_uri)}")
     return exp.experiment_id
 
 
@@ -69,7 +70,7 @@ def searches(c, experiment: str) -> pd.DataFrame:
 def latest_search(c, experiment: str) -> dict[str, Any]:
     df = searches(c, experiment)
     if df.empty:
-        raise ResultsError(f"experiment {experiment!r} at {c.tracking_uri} has no search runs")
+        raise ResultsError(f"experiment {experiment!r} at {mask(c.tracking_uri)} has no search runs")
     return df.iloc[0].to_dict()
 
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space
 from space.metrics import WORST, size_metric, test_metric
+from space.secrets import mask
 
 EXIT_BAD_INPUT = 2
 TABLE_WIDTH = 120
@@ -286,8 +287,8 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
          f"{space.training.budget.steps()} steps, pruner {s.pruner.name}, sampler {s.sampler}")
     echo(f"model {space.model.checkpoint}: {base_params:,} parameters"
          + (f"; configurations above {limit:,} trainable parameters are rejected" if limit is not None else ""))
-    echo(f"MLflow: {uri} (experiment {space.tracking.experiment!r}, run {parent.run_id}); "
-         f"Optuna study {study_name!r} in {storage_url}")
+    echo(f"MLflow: {mask(uri)} (experiment {space.tracking.experiment!r}, run {parent.run_id}); "
+         f"Optuna study {study_name!r} in {mask(storage_url)}")
 
     status = results.STATUS_FAILED
     try:

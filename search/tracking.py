@@ -17,6 +17,7 @@ from ray.tune import Callback
 from search.results import CONFIG_ARTIFACT
 from space.config import SearchSpace, TrialConfig
 from space.metrics import METRICS, kind, test_metric
+from space.secrets import mask
 from trials.report import FINISHED
 
 # Per-rung metrics are logged as curves; the rest of the final report is logged once.
@@ -56,7 +57,7 @@ class SearchRun:
             "pruner": s.pruner.name, "strategy": s.strategy, "rungs": budget.steps(),
             "reevaluate": f"top {s.reevaluate.top}, {s.reevaluate.seeds} seeds", "max_trainable": s.max_trainable,
             "time_budget": s.time_budget, "model": space.model.checkpoint, "task": space.task.name}.items()])
-        self.client.log_text(self.run_id, space_text, "space.yaml")
+        self.client.log_text(self.run_id, mask(space_text), "space.yaml")  # passwords in URLs never reach MLflow
 
     def hypervolume(self, completed: int, value: float) -> None:
         self.client.log_batch(self.run_id, metrics=[_metric("hypervolume", value, completed)])

@@ -41,6 +41,7 @@ from space.params import (
     one_of,
     resolve,
 )
+from space.secrets import expand_env
 
 
 class SpaceError(ValueError):
@@ -390,6 +391,7 @@ class SearchSpec(Strict):
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.0, ge=0)
+    # URLs may name environment variables as ${NAME} (space/secrets.py), so passwords need not be in space.yaml.
     address: str | None = None  # an existing Ray cluster ("auto" or ray://host:port); None starts local Ray
     optuna_storage: str | None = None  # an Optuna RDB URL (e.g. PostgreSQL) to persist and resume the study
     study_name: str | None = None
@@ -401,6 +403,11 @@ class SearchSpec(Strict):
         if isinstance(raw, dict) and "early_stopping" in raw:
             raise ValueError("early_stopping: was replaced by search.pruner (and training.budget for the rungs)")
         return raw
+
+    @field_validator("address", "optuna_storage")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        return None if value is None else expand_env(value)
 
     @model_validator(mode="after")
     def _stages(self) -> SearchSpec:
@@ -420,7 +427,12 @@ class SearchSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    uri: str | None = None  # MLflow tracking URI; None means sqlite:///<results_dir>/mlflow.db
+    uri: str | None = None  # MLflow tracking URI; None means sqlite:///<results_dir>/mlflow.db; ${NAME}: env
+
+    @field_validator("uri")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        return None if value is None else expand_env(value)
     experiment: str = "mamba-peft-search"
 
 

@@ -130,6 +130,22 @@ def test_stores_name_the_installed_postgres_driver(services):
     assert storage.startswith("postgresql+psycopg2://")
 
 
+@pytest.fixture(autouse=True)
+def _postgres_credentials(monkeypatch):
+    """What the search service's environment holds (docker-compose.yml passes them on)."""
+    monkeypatch.setenv("POSTGRES_USER", "postgres")
+    monkeypatch.setenv("POSTGRES_PASSWORD", "postgres")
+
+
+def test_the_compose_space_file_takes_postgres_credentials_from_the_environment(services, monkeypatch):
+    assert "${POSTGRES_PASSWORD}" in (REPO / "docker" / "space.compose.yaml").read_text()
+    env = services["search"]["environment"]
+    assert {"POSTGRES_USER", "POSTGRES_PASSWORD"} <= set(env)
+    monkeypatch.setenv("POSTGRES_PASSWORD", "elsewhere")
+    storage = load_space(REPO / "docker" / "space.compose.yaml").search.optuna_storage or ""
+    assert urlparse(storage).password == "elsewhere"
+
+
 def test_compose_space_file_targets_the_compose_stores():
     space = load_space(REPO / "docker" / "space.compose.yaml")
     storage = urlparse(space.search.optuna_storage or "")
