@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,17 @@ def format_front(front, objectives: list[str], width: int = TABLE_WIDTH) -> str:
     table.insert(1, "methods", [s if len(s) <= room else s[: room - 1] + "…"
                                 for s in front["methods"].map(abbreviate)])
     return table.to_string(index=False)
+
+
+def next_commands(uri: str, experiment: str, run_id: str, run_name: str) -> list[str]:
+    """The commands that open this search in the dashboard and export and train its best trial, with this
+    interpreter, this store and this search's id (a password in the URI is already masked: fill it in)."""
+    python = shlex.quote(sys.executable)
+    store = f"--tracking-uri {shlex.quote(uri)} --experiment {shlex.quote(experiment)}"
+    return ["next:",
+            f"  browse:  {python} -m streamlit run dashboard/app.py -- {store}   (search {run_name})",
+            f"  export:  {python} -m search.export {store} --search {run_id} -o best.yaml",
+            f"  train:   {python} -m trials.train best.yaml"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -348,8 +360,8 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
                  f"{test} {float(row.get(test, float('nan'))):.3f}  "
                  f"trainable_params {int(row.get('trainable_params', 0)):,}")
     echo("")
-    echo("next: `make dashboard` to browse, `python -m search.export -o best.yaml` then "
-         "`python -m trials.train best.yaml` to train the best Pareto trial")
+    for line in next_commands(mask(uri), space.tracking.experiment, parent.run_id, run_name):
+        echo(line)
     return 0 if status == results.STATUS_FINISHED and counts.get("finished", 0) > 0 else 1
 
 

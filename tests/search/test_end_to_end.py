@@ -125,10 +125,22 @@ training: {{budget: {{min_steps: 2, max_steps: 4}}, batch_size: 8}}
 search: {{num_trials: 12, reevaluate: {{top: 0}}, results_dir: {tmp_path / 'runs'}}}
 """)
     assert search_main([str(space)]) == 0
-    assert "nothing is searched" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing is searched" in out
     c = results.client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+    search_id = results.latest_search(c, "mamba-peft-search")["run_id"]
+    df = results.trials(c, "mamba-peft-search", search_id)
     assert len(df) == 1 and list(df.status) == ["finished"]
+    # The search ends with runnable commands for this store and this search: run the export one as printed.
+    import shlex
+
+    from search.export import main as export_main
+
+    export = shlex.split(next(line for line in out.splitlines() if "-m search.export" in line).split("export:", 1)[1])
+    assert export[:3] == [sys.executable, "-m", "search.export"] and search_id in export
+    assert f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in export
+    assert export_main([*export[3:-2], "-o", str(tmp_path / "best.yaml")]) == 0
+    assert "lora_in_proj" in (tmp_path / "best.yaml").read_text()
 
 
 def test_dry_run_prints_dimensions_sizes_and_cost_without_ray(tmp_path, capsys):
