@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from search.faults import error_reason, error_text
 from search.hypervolume import search_hypervolume
 from search.pruners import SIZE_ATTR, make_pruner, record_rung
 from space.config import PRUNER_OPTIONS, SearchSpace, TrialConfig, baseline_trial, dimensions, sample_trial
@@ -41,6 +42,7 @@ from space.stages import selected_methods, stage1_space, stage2_sampler
 from trials.report import FINISHED
 
 STATE_ATTR = "mps_state"  # the trial state in the project's words (space.metrics.TRIAL_STATES)
+ERROR_ATTR = "mps_error"  # a failed trial's exception type and message
 KEY_ATTR = "mps_config"  # the configuration, as compared for duplicates
 CONSTRAINT = "max_trainable"
 
@@ -172,6 +174,8 @@ class PeftSearcher(Searcher):
         self.durations: list[float] = []  # seconds a trial takes at the full budget, estimated from each trial
         self.steps_saved = 0
         self.steps_trained = 0
+        self.failures = 0  # searched trials that failed (search.max_failures ends the search past it)
+        self.errors: dict[str, str] = {}  # Ray trial id -> failure reason, until the trial completes
         self.done = False  # every phase proposed its budget (or the time budget ended the search)
         self.completed = 0  # searched trials over, in any state (the hypervolume curve's x axis)
         self.stop_reason: str | None = None
@@ -281,7 +285,7 @@ class PeftSearcher(Searcher):
                     return Searcher.FINISHED  # said why; the next phase is not started
                 self._advance()
                 continue
-            if self._out_of_time():
+            if self._out_of_time() or self._too_many_failures():
                 self.done = True
                 return Searcher.FINISHED
             if phase.name in REFERENCE_PHASES:
@@ -368,6 +372,18 @@ class PeftSearcher(Searcher):
         self.completed += 1
         self.recorder.hypervolume(self.completed, self.hypervolume())
 
+    def _too_many_failures(self) -> bool:
+        limit = self.space.search.max_failures
+        if limit is None or self.stop_reason is not None:
+            return self.stop_reason is not None and self.stop_reason.startswith("search.max_failures")
+        allowed = limit if isinstance(limit, int) else limit * self.space.search.num_trials
+        if self.failures <= allowed:
+            return False
+        self.stop_reason = (f"search.max_failures {limit}: {self.failures} trials failed, so no more are started "
+                            f"(the reasons are on the terminal above and in each failed run's error.txt)")
+        self.echo(self.stop_reason)
+        return True
+
     def _out_of_time(self) -> bool:
         budget = self.space.search.time_budget
         if budget is None:
@@ -400,6 +416,11 @@ class PeftSearcher(Searcher):
             return True
         return False
 
+    def note_error(self, trial_id: str, reason: str) -> None:
+        """The failure reason of a trial (exception type and message), told before Ray completes it with an error
+        (``RungScheduler.on_trial_error``); it goes into the Optuna trial's attributes with the FAIL."""
+        self.errors[trial_id] = reason
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass  # rung reports reach ``rung`` through RungScheduler, which decides before Ray calls this
 
@@ -418,6 +439,11 @@ class PeftSearcher(Searcher):
             error, finished, values = True, False, None
         if error:
             state, tell = "failed", TrialState.FAIL
+            if live.phase not in REFERENCE_PHASES:
+                self.failures += 1
+            reason = self.errors.pop(trial_id, None)
+            if live.ot is not None and reason is not None:
+                live.ot.set_user_attr(ERROR_ATTR, reason[:2000])
         elif finished:
             state, tell = "finished", TrialState.COMPLETE
         elif trial_id in self.pruned:
@@ -501,3 +527,8 @@ class RungScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         return TrialScheduler.STOP if self.searcher.rung(trial.trial_id, result) else TrialScheduler.CONTINUE
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        # Ray calls this before the searcher's on_trial_complete(error=True): the reason reaches the Optuna trial.
+        self.searcher.note_error(trial.trial_id, error_reason(error_text(trial)))
+        super().on_trial_error(tune_controller, trial)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from search.faults import ERROR_ARTIFACT, error_reason, error_text
 from search.results import CONFIG_ARTIFACT
 from space.config import SearchSpace, TrialConfig
 from space.metrics import METRICS, kind, test_metric
@@ -176,13 +177,16 @@ class MlflowTrialCallback(Callback):
             self.echo(f"{label} {status:<9} at step {last.get('step', '?')} ({self.quality} {q:.3f})")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        message = _error_text(trial)
+        message = error_text(trial)
+        reason = error_reason(message)
         run_id = self.run_ids.get(trial.trial_id)
+        where = ""
         if run_id is not None:
-            self._client().set_tag(run_id, "mps.error", message[-4000:])
+            self._client().set_tag(run_id, "mps.error", reason[:4000])
+            self._client().log_text(run_id, message, ERROR_ARTIFACT)  # the whole traceback, Ray's own included
+            where = f" (traceback: {ERROR_ARTIFACT} of MLflow run {run_id})"
         self._end(trial, "failed", "FAILED")
-        last_line = message.strip().splitlines()[-1] if message.strip() else "unknown error"
-        self.echo(f"{self._label(self.numbers.get(trial.trial_id, 0), self._phase(trial))} failed    {last_line}")
+        self.echo(f"{self._label(self.numbers.get(trial.trial_id, 0), self._phase(trial))} failed    {reason}{where}")
 
     def mark_interrupted(self, trial_ids: list[str]) -> None:
         """Runs of trials Ray stopped without completing them (Ctrl-C): state ``interrupted``, run KILLED."""
@@ -213,9 +217,3 @@ class MlflowTrialCallback(Callback):
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        return Path(path).read_text()
-    return str(getattr(trial, "error_msg", "") or "")

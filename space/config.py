@@ -350,6 +350,21 @@ def _trainable_limit(value: Any) -> Any:
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 
 
+def _failure_limit(value: Any) -> int | float | None:
+    """``search.max_failures``: a count >= 0, or a fraction of num_trials strictly between 0 and 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a count or a fraction")
+    if isinstance(value, int) or float(value).is_integer() and value >= 1:
+        if value < 0:
+            raise ValueError(f"{value} is below 0")
+        return int(value)
+    if not 0 < value < 1:
+        raise ValueError(f"{value} is neither a count (0, 1, 2, ...) nor a fraction between 0 and 1")
+    return float(value)
+
+
 BaselineName = Literal["full", "head"]
 BASELINE_LABELS = {"full": "full fine-tuning", "head": "head only", "scratch": "from scratch"}
 
@@ -385,6 +400,9 @@ class SearchSpec(Strict):
     reevaluate: Reevaluate = Field(default_factory=Reevaluate)
     baselines: list[BaselineSpec] = Field(default_factory=list)  # reference trials: full, head (BaselineSpec)
     time_budget: Annotated[float | None, BeforeValidator(_seconds)] = None  # wall clock, seconds (or "45m", "2h")
+    # Stop starting trials once more than this many searched trials failed: a count (3) or a fraction of
+    # num_trials (0.25). None: never (each failure is recorded and the search goes on).
+    max_failures: Annotated[int | float | None, BeforeValidator(_failure_limit)] = None
     max_trainable: Annotated[int | str | None, BeforeValidator(_trainable_limit)] = None  # count or "2%"
     # Configurations evaluated first, as sampled parameter names and values (``python -m search.run --dry-run``
     # lists the names), e.g. {lora_in_proj.enabled: true, lora_in_proj.rank: 8, training.learning_rate: 0.005}.

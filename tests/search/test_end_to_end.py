@@ -258,3 +258,38 @@ def test_search_with_optuna_and_mlflow_on_postgresql(tmp_path):
             for name in (optuna_db, mlflow_db):
                 cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_failing_trials_are_recorded_with_their_reason_and_max_failures_ends_the_search(tmp_path, capsys):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"""
+model: {{checkpoint: embedded}}
+task: {{name: digits, shots_per_class: 2}}
+methods: {{lora_in_proj: {{enabled: true, rank: {{choices: [1, 2, 4]}}}}}}
+training: {{budget: {{min_steps: 2, max_steps: 4}}, batch_size: 8, learning_rate: 1.0e+8, grad_clip: 0}}
+search: {{num_trials: 4, concurrency: 1, max_failures: 1, reevaluate: {{top: 0}}, results_dir: {tmp_path / 'runs'}}}
+""")
+    assert search_main([str(space)]) == 1  # nothing finished
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if " failed    " in line]
+    assert len(failed) == 2 and all("FloatingPointError: loss is" in line for line in failed)
+    assert all("(traceback: error.txt of MLflow run " in line for line in failed)
+    assert "search.max_failures 1: 2 trials failed, so no more are started" in out
+    assert "Traceback" not in out  # Ray's own tracebacks stay in its logs
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    c = results.client(uri)
+    df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+    assert list(df.status) == ["failed", "failed"]
+    for run_id in df.run_id:
+        text = open(MlflowClient(uri).download_artifacts(run_id, "error.txt", str(tmp_path / run_id))).read()
+        assert "FloatingPointError" in text
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["mps_error"].startswith("FloatingPointError: loss is") for t in trials)

@@ -408,3 +408,32 @@ def test_a_baseline_takes_no_methods_and_its_learning_rate_defaults_to_the_middl
                                     "methods": {"a_log_delta": {}}})
     with pytest.raises(ValueError, match="search.baselines.0.name"):
         SearchSpace.model_validate({"search": {"baselines": ["lora"]}})
+
+
+def test_max_failures_stops_starting_trials_and_says_why():
+    from search.searcher import ERROR_ATTR
+
+    s, _ = searcher_for(make_space({"search": {"num_trials": 6, "max_failures": 1}}))
+    lines: list[str] = []
+    s.echo = lines.append
+    for i in range(2):
+        assert isinstance(s.suggest(f"t{i}"), dict)
+        s.note_error(f"t{i}", f"FloatingPointError: loss is nan at step {i + 3}")  # Ray: scheduler, then searcher
+        s.on_trial_complete(f"t{i}", error=True)
+    assert s.suggest("t2") == Searcher.FINISHED and s.exhausted()
+    assert s.stop_reason is not None and "search.max_failures 1: 2 trials failed" in s.stop_reason
+    assert lines == [s.stop_reason]
+    study = s.phases[0].study
+    assert [t.user_attrs.get(ERROR_ATTR) for t in study.trials] == [
+        "FloatingPointError: loss is nan at step 3", "FloatingPointError: loss is nan at step 4"]
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_a_fraction_of_max_failures_counts_against_num_trials():
+    s, _ = searcher_for(make_space({"search": {"num_trials": 8, "max_failures": 0.25}}))  # more than 2 fail
+    for i in range(3):
+        assert isinstance(s.suggest(f"t{i}"), dict)
+        s.on_trial_complete(f"t{i}", error=True)
+        if i < 2:
+            assert s.stop_reason is None
+    assert s.suggest("t3") == Searcher.FINISHED

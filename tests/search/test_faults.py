@@ -1,0 +1,66 @@
+"""A failed trial: its reason on one terminal line, its traceback as an MLflow artifact, its reason in Optuna."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mlflow.tracking import MlflowClient
+
+from search.faults import ERROR_ARTIFACT, error_reason
+from search.searcher import RungScheduler
+from search.tracking import MlflowTrialCallback, SearchRun
+from space.config import SearchSpace
+
+RAY_TRACEBACK = """Failure # 1 (occurred at 2026-11-29_17-00-00)
+ray::ImplicitFunc.train() (pid=123, ip=127.0.0.1, actor_id=abc)
+  File "/work/main/trials/run.py", line 275, in run_trial
+    raise FloatingPointError(f"loss is {loss.item()} at step {step} (learning rate too high?)")
+FloatingPointError: loss is nan at step 7 (learning rate too high?)
+"""
+
+
+def test_the_reason_is_the_exception_line_of_the_traceback():
+    assert error_reason(RAY_TRACEBACK) == "FloatingPointError: loss is nan at step 7 (learning rate too high?)"
+    oom = "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n"
+    assert error_reason(oom) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
+    assert error_reason("") == "unknown error"
+    assert error_reason("worker died\n") == "worker died"
+
+
+class _Searcher:
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+
+    def note_error(self, trial_id: str, reason: str) -> None:
+        self.errors.append((trial_id, reason))
+
+
+def test_the_scheduler_hands_the_reason_to_the_searcher_before_ray_completes_the_trial(tmp_path):
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(RAY_TRACEBACK)
+    searcher = _Searcher()
+    scheduler = RungScheduler(searcher)  # type: ignore[arg-type]
+    scheduler.on_trial_error(None, SimpleNamespace(trial_id="t1", error_file=str(error_file), error_msg=None))
+    assert searcher.errors == [("t1", "FloatingPointError: loss is nan at step 7 (learning rate too high?)")]
+
+
+def test_a_failed_trial_gets_one_line_a_tag_an_error_artifact_and_its_reason_in_optuna(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = SearchSpace.model_validate({"search": {"num_trials": 4}})
+    search = SearchRun(uri, "exp", tmp_path / "artifacts", "s", space, "")
+    lines: list[str] = []
+    callback = MlflowTrialCallback(search, space, echo=lines.append)
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(RAY_TRACEBACK)
+    trial = SimpleNamespace(trial_id="t1", error_file=str(error_file), error_msg=None,
+                            config={"phase": "search"}, last_result={})
+    run_id = callback.search.client.create_run(search.experiment_id, run_name="trial-001").info.run_id
+    callback.run_ids["t1"], callback.numbers["t1"] = run_id, 1
+    callback.on_trial_error(0, [], trial)
+    reason = "FloatingPointError: loss is nan at step 7 (learning rate too high?)"
+    assert lines == [f"[  1/4] failed    {reason} (traceback: {ERROR_ARTIFACT} of MLflow run {run_id})"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.tags["mps.error"] == reason and run.data.tags["mps.status"] == "failed"
+    assert run.info.status == "FAILED"
+    logged = MlflowClient(uri).download_artifacts(run_id, ERROR_ARTIFACT, str(tmp_path / "dl"))
+    assert open(logged).read() == RAY_TRACEBACK
