@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from search.pareto import pareto_indices
@@ -190,6 +191,47 @@ def best_trial(front: pd.DataFrame, objectives: list[str]) -> dict[str, Any] | N
     by = [order, size] if size in front else [order]
     ascending = [direction(key) == "min", True][: len(by)]
     return front.sort_values(by, ascending=ascending, kind="stable").iloc[0].to_dict()
+
+
+def pick_trial(front: pd.DataFrame, objectives: list[str], pick: str) -> dict[str, Any] | None:
+    """The front trial ``pick`` names (``python -m search.export --pick``):
+
+    - ``best``: ``best_trial``;
+    - ``knee``: the front's knee, the trial farthest from the straight line joining its two ends (the smallest and
+      the best trial) in (log10 size, quality) scaled to [0, 1] on both axes: where giving up parameters starts to
+      cost much more quality. A front of fewer than 3 trials has no knee, and ``best`` is taken;
+    - ``budget=N`` or ``budget=P%``: the best trial with at most N trainable parameters, or at most P percent of
+      the base model (the ``trainable_pct`` metric). None when no front trial fits.
+    A malformed ``pick`` is a ValueError naming it."""
+    size = size_metric(objectives) or "trainable_params"
+    if pick == "best":
+        return best_trial(front, objectives)
+    if pick.startswith("budget="):
+        raw = pick.removeprefix("budget=").strip()
+        column, text = ("trainable_pct", raw[:-1]) if raw.endswith("%") else ("trainable_params", raw)
+        try:
+            limit = float(text.replace(",", "").replace("_", ""))
+        except ValueError:
+            raise ValueError(f"--pick {pick!r}: the budget must be a count (budget=20000) or a percentage "
+                             f"(budget=2%)") from None
+        if column not in front:
+            return None
+        return best_trial(front[front[column] <= limit], objectives)
+    if pick != "knee":
+        raise ValueError(f"--pick {pick!r}: expected best, knee, budget=<count> or budget=<percent>%")
+    if len(front) < 3 or size not in front:
+        return best_trial(front, objectives)
+    key = ranking_metric(objectives)
+    value = front[f"{key}_mean"] if f"{key}_mean" in front else front[key]
+    quality = value.astype(float) * (1.0 if direction(key) == "max" else -1.0)
+    x = np.log10(front[size].astype(float).clip(lower=1.0))
+    xs = (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
+    ys = (quality - quality.min()) / max(float(quality.max() - quality.min()), 1e-12)
+    # The ends: the smallest trial (x = 0) and the best one (y = 1); distance of every trial from that chord.
+    x0, y0 = float(xs.min()), float(ys[xs.idxmin()])
+    x1, y1 = float(xs[ys.idxmax()]), float(ys.max())
+    distance = ((y1 - y0) * xs - (x1 - x0) * ys + x1 * y0 - y1 * x0).abs()
+    return front.loc[distance.idxmax()].to_dict()
 
 
 def trial_config_text(c, run_id: str) -> str:

@@ -141,6 +141,10 @@ search: {{num_trials: 12, reevaluate: {{top: 0}}, results_dir: {tmp_path / 'runs
     assert f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in export
     assert export_main([*export[3:-2], "-o", str(tmp_path / "best.yaml")]) == 0
     assert "lora_in_proj" in (tmp_path / "best.yaml").read_text()
+    assert export_main([*export[3:-2], "--pick", "knee", "-o", str(tmp_path / "knee.yaml")]) == 0  # one trial
+    capsys.readouterr()
+    assert export_main([*export[3:-2], "--pick", "budget=10", "-o", str(tmp_path / "none.yaml")]) == 2
+    assert "--pick budget=10: no Pareto trial" in capsys.readouterr().err and not (tmp_path / "none.yaml").exists()
 
 
 def test_dry_run_prints_dimensions_sizes_and_cost_without_ray(tmp_path, capsys):

@@ -92,3 +92,40 @@ def test_baselines_are_listed_apart_and_never_reach_the_front():
     front = pareto(df, ["val_accuracy", "trainable_params"])
     assert list(front.trial) == ["trial-001"]  # the full baseline's 0.9 and the head's 650 would both be on it
     assert list(baselines(df).trial) == ["trial-002", "trial-003"]  # finished ones only
+
+
+def _front_for_picks() -> pd.DataFrame:
+    # A front that climbs fast, then flattens: the knee is where it flattens (trial c).
+    return pd.DataFrame({"trial": ["a", "b", "c", "d", "e"], "run_id": ["ra", "rb", "rc", "rd", "re"],
+                         "val_accuracy": [0.30, 0.55, 0.70, 0.72, 0.73],
+                         "trainable_params": [100, 1_000, 10_000, 100_000, 1_000_000],
+                         "trainable_pct": [0.01, 0.1, 1.0, 10.0, 100.0]})
+
+
+@pytest.mark.parametrize("pick, trial", [
+    ("best", "e"), ("knee", "c"), ("budget=20000", "c"), ("budget=20,000", "c"), ("budget=0.5%", "b"),
+    ("budget=100", "a"),
+])
+def test_export_picks_the_best_the_knee_or_the_best_within_a_budget(pick, trial):
+    from search.results import pick_trial
+
+    got = pick_trial(_front_for_picks(), ["val_accuracy", "trainable_params"], pick)
+    assert got is not None and got["trial"] == trial
+
+
+def test_a_budget_no_front_trial_fits_and_a_malformed_pick_are_told_apart():
+    from search.results import pick_trial
+
+    assert pick_trial(_front_for_picks(), ["val_accuracy", "trainable_params"], "budget=50") is None
+    for bad in ("median", "budget=lots", "budget=%"):
+        with pytest.raises(ValueError, match=f"--pick '{bad}'"):
+            pick_trial(_front_for_picks(), ["val_accuracy", "trainable_params"], bad)
+
+
+def test_the_knee_of_a_minimised_quality_and_of_a_short_front():
+    from search.results import pick_trial
+
+    front = _front_for_picks().rename(columns={"val_accuracy": "val_loss"})
+    front["val_loss"] = 1.0 - front["val_loss"]  # the same shape, as a loss
+    assert pick_trial(front, ["val_loss", "trainable_params"], "knee")["trial"] == "c"
+    assert pick_trial(_front_for_picks().iloc[:2], ["val_accuracy", "trainable_params"], "knee")["trial"] == "b"
