@@ -19,7 +19,12 @@ Default grids (``--lrs`` replaces them with one grid for every arm): three rates
 PEFT and the linear probe train few, freshly initialised (or zero-initialised delta) tensors and take the higher
 rates, 1e-3 to 1e-2 (the search's default is 3e-3; the earlier comparison used 5e-3). Updating every weight moves
 the whole network, so full fine-tuning and training from scratch take rates a third of that, 3e-4 to 3e-3. A
-chosen rate at the edge of its grid is flagged: the best rate may lie outside it.
+chosen rate at the edge of its grid is flagged: the best rate may lie outside it. On digits at 480 steps
+(docs/compare-digits.txt) full fine-tuning and scratch peak inside their grids at 1e-3; PEFT and the probe peak at
+1e-2, and 3e-2 and 1e-1 are worse for both (docs/compare-digits-edges.txt).
+
+On a CPU shared with other work, run it with OMP_NUM_THREADS=1: the embedded model gains nothing from a second
+intra-op thread, and two threads contending with another process made a training step 8x slower.
 """
 
 from __future__ import annotations
@@ -216,14 +221,23 @@ def run_arm(arm: str, cfg: TrialConfig, data: TaskData, lrs: Sequence[float], se
     return ArmResult(arm, label, first.trainable_params, first.total_params, grid, choose_lr(grid, metric))
 
 
+def check_arms(cfg: TrialConfig, arms: Sequence[str]) -> None:
+    """Every arm is known, and the ``peft`` arm has a PEFT configuration to train (not a baseline's config)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"arms {unknown} are not among {', '.join(ARMS)}")
+    if "peft" in arms and cfg.baseline is not None:
+        rest = " ".join(a for a in arms if a != "peft") or cfg.baseline
+        raise ValueError(f"baseline: the config is the {cfg.baseline} baseline, not a PEFT configuration; "
+                         f"compare the baselines alone with --arms {rest}")
+
+
 def compare(cfg: TrialConfig, arms: Sequence[str] = DEFAULT_ARMS, lrs: Mapping[str, Sequence[float]] | None = None,
             seeds: Sequence[int] = (0, 1, 2), steps: int | None = None,
             echo: Callable[[str], None] = print) -> Comparison:
     """Every arm of ``arms`` on ``cfg``'s task and budget, each at its best rate of ``lrs[arm]`` (default
     ``DEFAULT_LRS``), over ``seeds``."""
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ValueError(f"arms {unknown} are not among {', '.join(ARMS)}")
+    check_arms(cfg, arms)
     grids = {**DEFAULT_LRS, **(lrs or {})}
     if not seeds or any(not grids[a] for a in arms):
         raise ValueError("compare needs at least one seed and one learning rate per arm")
@@ -309,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.steps is not None and a.steps < 1:
         print(f"error: --steps {a.steps} is below 1", file=sys.stderr)
+        return 2
+    try:
+        check_arms(cfg, a.arms)
+    except ValueError as exc:
+        print(f"error: {a.config}: {exc}", file=sys.stderr)
         return 2
     if a.lrs is not None and any(not lr > 0 for lr in a.lrs):
         print(f"error: --lrs {' '.join(map(str, a.lrs))}: every learning rate must be above 0", file=sys.stderr)
