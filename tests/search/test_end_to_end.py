@@ -6,6 +6,7 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -297,3 +298,33 @@ search: {{num_trials: 4, concurrency: 1, max_failures: 1, reevaluate: {{top: 0}}
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
     assert all(t.user_attrs["mps_error"].startswith("FloatingPointError: loss is") for t in trials)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_same_space_and_seed_at_concurrency_one_repeat_the_same_search(tmp_path):
+    """Reproducibility: the same configurations in the same order, with the same results (within float noise)."""
+    def one(name: str):
+        space = tmp_path / f"{name}.yaml"
+        space.write_text(f"""
+name: {name}
+model: {{checkpoint: embedded, pooling: {{choices: [last, mean]}}}}
+task: {{name: digits, shots_per_class: 2}}
+methods: {{lora_in_proj: {{enabled: search, rank: {{choices: [1, 2]}}}}, a_log_delta: {{enabled: search}}}}
+training: {{budget: {{min_steps: 2, max_steps: 4}}, batch_size: 8,
+           learning_rate: {{low: 0.001, high: 0.01, log: true}}}}
+search: {{num_trials: 5, concurrency: 1, seed: 7, reevaluate: {{top: 0}}, results_dir: {tmp_path / name}}}
+""")
+        assert search_main([str(space)]) == 0
+        c = results.client(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+        params = sorted(col for col in df if col.startswith("param."))
+        return df.sort_values("trial").reset_index(drop=True), params
+
+    first, params = one("first")
+    second, _ = one("second")
+    assert list(first.status) == list(second.status) and len(first) == 5
+    assert first[params].equals(second[params])  # the same configurations, proposal by proposal
+    finished = first.status == "finished"
+    assert finished.any()
+    np.testing.assert_allclose(first.loc[finished, "val_accuracy"], second.loc[finished, "val_accuracy"], atol=1e-9)
