@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,24 @@ def format_front(front, objectives: list[str], width: int = TABLE_WIDTH) -> str:
     table.insert(1, "methods", [s if len(s) <= room else s[: room - 1] + "…"
                                 for s in front["methods"].map(abbreviate)])
     return table.to_string(index=False)
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> str | None:
+    """Why a Ray cluster at ``address`` cannot be joined, or None when it answers (or is local / ``auto``).
+
+    ``host:port`` (the cluster's GCS) and ``ray://host:port`` (Ray Client) are tried with one TCP connection, so a
+    wrong address is an error in seconds rather than minutes of Ray retrying."""
+    if address is None or address in ("auto", "local"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return f"search.address {address!r}: expected host:port, ray://host:port or auto"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return (f"search.address {address!r}: cannot connect to {host}:{port} ({exc.strerror or exc}); is the Ray "
+                f"head running there (`ray start --head` prints its address)?")
+    return None
 
 
 def next_commands(uri: str, experiment: str, run_id: str, run_name: str) -> list[str]:
@@ -248,6 +267,10 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
     storage_url = space.search.optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
     objectives = space.objective_names
 
+    unreachable = check_address(space.search.address)
+    if unreachable is not None:  # ray.init would retry for minutes, printing connection warnings
+        echo(f"error: {unreachable}")
+        return EXIT_BAD_INPUT
     ray.init(address=space.search.address, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})

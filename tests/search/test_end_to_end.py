@@ -328,3 +328,26 @@ search: {{num_trials: 5, concurrency: 1, seed: 7, reevaluate: {{top: 0}}, result
     finished = first.status == "finished"
     assert finished.any()
     np.testing.assert_allclose(first.loc[finished, "val_accuracy"], second.loc[finished, "val_accuracy"], atol=1e-9)
+
+
+def test_a_ray_address_nothing_answers_is_an_error_in_seconds(tmp_path, capsys):
+    import socket
+    import time
+
+    from search.run import check_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        assert "cannot connect to 127.0.0.1" in (check_address(f"127.0.0.1:{port}") or "")
+        s.listen()
+        assert check_address(f"127.0.0.1:{port}") is None and check_address(f"ray://127.0.0.1:{port}") is None
+    assert check_address("auto") is None and check_address(None) is None
+    assert "expected host:port" in (check_address("headnode") or "")
+    space = tmp_path / "space.yaml"
+    space.write_text(f"search: {{results_dir: {tmp_path / 'runs'}}}\n")
+    t0 = time.monotonic()
+    assert search_main([str(space), "--address", f"127.0.0.1:{port}"]) == 2
+    assert time.monotonic() - t0 < 60
+    assert f"search.address '127.0.0.1:{port}': cannot connect" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing was started, no run left RUNNING
