@@ -44,6 +44,12 @@ def trainable(config: dict[str, Any]) -> None:
     run_trial(TrialConfig.model_validate_json(config["trial"]), report=tune.report)
 
 
+def trial_resources(space: SearchSpace) -> dict[str, float]:
+    """What each Ray trial reserves: ``search.cpus_per_trial`` CPUs and ``search.gpus_per_trial`` GPUs (a fraction
+    such as 0.5 packs two trials on one GPU; Ray sets each trial's CUDA_VISIBLE_DEVICES accordingly)."""
+    return {"cpu": space.search.cpus_per_trial, "gpu": space.search.gpus_per_trial}
+
+
 def tracking_uri(space: SearchSpace, results_dir: Path) -> str:
     return space.tracking.uri or f"sqlite:///{results_dir / 'mlflow.db'}"
 
@@ -327,9 +333,8 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
 
     status = results.STATUS_FAILED
     try:
-        resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
         tuner = tune.Tuner(
-            tune.with_resources(trainable, resources),
+            tune.with_resources(trainable, trial_resources(space)),
             # Ray trials are at most the proposals plus the re-evaluations; one more sample lets Ray ask the
             # searcher once more, so that it says it is done rather than Ray stopping at its count.
             tune_config=tune.TuneConfig(search_alg=tune.search.ConcurrencyLimiter(searcher, s.concurrency),

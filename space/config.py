@@ -422,6 +422,14 @@ class SearchSpec(Strict):
             raise ValueError("early_stopping: was replaced by search.pruner (and training.budget for the rungs)")
         return raw
 
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpu_share(cls, value: float) -> float:
+        if value > 1 and not float(value).is_integer():
+            raise ValueError(f"{value} GPUs: a trial takes a fraction of one GPU (below 1) or whole GPUs, as Ray "
+                             f"schedules them")
+        return value
+
     @field_validator("address", "optuna_storage")
     @classmethod
     def _env(cls, value: str | None) -> str | None:

@@ -351,3 +351,23 @@ def test_a_ray_address_nothing_answers_is_an_error_in_seconds(tmp_path, capsys):
     assert time.monotonic() - t0 < 60
     assert f"search.address '127.0.0.1:{port}': cannot connect" in capsys.readouterr().out
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing was started, no run left RUNNING
+
+
+@pytest.mark.parametrize("cpus, gpus", [(1.0, 0.0), (2.0, 0.5), (1.0, 0.25), (4.0, 2.0)])
+def test_each_trial_requests_its_cpus_and_gpu_fraction_from_ray(cpus, gpus):
+    from ray import tune
+
+    from search.run import trainable, trial_resources
+    from space.config import SearchSpace
+
+    space = SearchSpace.model_validate({"search": {"cpus_per_trial": cpus, "gpus_per_trial": gpus}})
+    wrapped = tune.with_resources(trainable, trial_resources(space))
+    bundle = wrapped._resources.required_resources  # what Ray reserves for each trial
+    assert bundle.get("CPU") == cpus and bundle.get("GPU", 0.0) == gpus
+
+
+def test_a_gpu_share_ray_cannot_schedule_is_an_error_naming_the_key():
+    from space.config import SearchSpace
+
+    with pytest.raises(ValueError, match=r"search.gpus_per_trial[\s\S]*1.5 GPUs: a trial takes a fraction"):
+        SearchSpace.model_validate({"search": {"gpus_per_trial": 1.5}})
