@@ -55,7 +55,7 @@ search: {{num_trials: {a.trials}, concurrency: {a.concurrency}, pruner: none, re
                if c.get_run(r).info.end_time]
     ideal = sum(own) / a.concurrency
     print(f"\nsearch exit {code}: {len(own)} trials, each {min(own):.1f} to {max(own):.1f} s on its own")
-    print(f"wall time of the search: {wall:.1f} s; trials' own time / concurrency {a.concurrency}: {ideal:.1f} s")
+    print(f"wall time of the search: {wall:.3f} s; trials' own time / concurrency {a.concurrency}: {ideal:.3f} s")
     print(f"overhead_ratio (wall / ideal - 1): {wall / ideal - 1:.3f}")
     return code
 
