@@ -40,12 +40,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from space.config import SpaceError, TrialConfig
+from space.config import TrialConfig
 from space.metrics import default_objectives, direction, kind, quality_metric, test_metric
 from trials.baselines import BASELINES, build_baseline
 from trials.data import TaskData
 from trials.run import BuiltTrial, build_trial, run_trial, trial_device
 from trials.tasks import load_task
+from trials.train import config_argument
 
 ARMS = ("peft", *BASELINES)
 DEFAULT_ARMS = ("peft", "full", "scratch", "head")
@@ -313,16 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write every run, the grid and the choices to this file")
     p.add_argument("--markdown", action="store_true", help="also print the README table")
     a = p.parse_args(argv)
-    if not a.config.exists():
-        print(f"error: {a.config}: no such file", file=sys.stderr)
-        return 2
-    try:
-        cfg = TrialConfig.from_yaml(a.config.read_text(), where=str(a.config))
-    except SpaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if a.steps is not None and a.steps < 1:
-        print(f"error: --steps {a.steps} is below 1", file=sys.stderr)
+    cfg = config_argument(a.config, a.steps)
+    if cfg is None:
         return 2
     try:
         check_arms(cfg, a.arms)

@@ -103,6 +103,23 @@ def load_trained(out: Path, merged: bool = False) -> SequenceClassifier | Langua
     return model.eval()
 
 
+def config_argument(path: Path, steps: int | None) -> TrialConfig | None:
+    """The trial config a command line names, with its ``--steps`` checked; None after printing why not (a missing
+    or invalid file, a step count below 1), for the command to exit with 2."""
+    if not path.exists():
+        print(f"error: {path}: no such file", file=sys.stderr)
+        return None
+    try:
+        cfg = TrialConfig.from_yaml(path.read_text(), where=str(path))
+    except SpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if steps is not None and steps < 1:
+        print(f"error: --steps {steps} is below 1", file=sys.stderr)
+        return None
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trials.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,16 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="output directory (default outputs/<config file stem>)")
     p.add_argument("--steps", type=int, help="override the budget (training.rungs[-1], the schedule the search ranked)")
     a = p.parse_args(argv)
-    if not a.config.exists():
-        print(f"error: {a.config}: no such file", file=sys.stderr)
-        return 2
-    try:
-        cfg = TrialConfig.from_yaml(a.config.read_text(), where=str(a.config))
-    except SpaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if a.steps is not None and a.steps < 1:
-        print(f"error: --steps {a.steps} is below 1", file=sys.stderr)
+    cfg = config_argument(a.config, a.steps)
+    if cfg is None:
         return 2
     train(cfg, a.out or Path("outputs") / a.config.stem, a.steps)
     return 0
