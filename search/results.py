@@ -65,6 +65,9 @@ def searches(c, experiment: str) -> pd.DataFrame:
         "start_time": pd.to_datetime(r.info.start_time, unit="ms"),
         "objectives": json.loads(r.data.tags.get("mps.objectives", json.dumps(DEFAULT_OBJECTIVES))),
         "trials": r.data.params.get("num_trials"),
+        # MLflow's own run state and end: a search whose tag says running but whose run ended was killed.
+        "run_status": r.info.status,
+        "end_time": pd.to_datetime(r.info.end_time, unit="ms") if r.info.end_time else None,
     } for r in runs])
 
 
@@ -85,8 +88,9 @@ def search_info(c, experiment: str, search_run_id: str | None) -> dict[str, Any]
     return match.iloc[0].to_dict()
 
 
-def trials(c, experiment: str, search_run_id: str) -> pd.DataFrame:
-    """One row per trial of a search: run id, name, status, summary, params (``param.*``), metrics."""
+def trials(c, experiment: str, search_run_id: str, detail: bool = False) -> pd.DataFrame:
+    """One row per trial of a search: run id, name, status, summary, params (``param.*``), metrics. ``detail`` adds
+    the run's ``start_time`` and ``end_time`` (NaT while it runs) and its ``error`` (the ``mps.error`` tag)."""
     runs = c.search_runs([experiment_id(c, experiment)],
                          filter_string=f"tags.`mlflow.parentRunId` = '{search_run_id}'", max_results=50000)
     rows = []
@@ -96,6 +100,10 @@ def trials(c, experiment: str, search_run_id: str) -> pd.DataFrame:
                                "phase": r.data.tags.get("mps.phase", "search"),
                                "reevaluates": r.data.tags.get("mps.reevaluates", ""),
                                "methods": r.data.tags.get("mps.summary", "")}
+        if detail:
+            row.update(start_time=pd.to_datetime(r.info.start_time, unit="ms"),
+                       end_time=pd.to_datetime(r.info.end_time, unit="ms") if r.info.end_time else pd.NaT,
+                       error=r.data.tags.get("mps.error", ""))
         row.update(r.data.metrics)
         row.update({f"param.{k}": v for k, v in r.data.params.items()})
         rows.append(row)
