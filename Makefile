@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 LOCK := requirements.lock
 
-.PHONY: setup run test test-latest lock dashboard lint pretrain bench clean
+.PHONY: setup run test test-latest lock dashboard lint pretrain bench clean chromium
 
 # The environment is the lock, exactly: every package at the version CI last tested, torch on its CPU wheel, with
 # nothing resolved here (--no-deps), then `pip check` that the set is complete and consistent.
@@ -49,7 +49,17 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m search.run space.yaml
 
-test: $(STAMP)
+# The dashboard's browser test needs Chromium. In CI (CI=true) Debian's is installed when missing, as root or with
+# passwordless sudo, and it is an error when it cannot be; elsewhere nothing is installed and the test skips.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$CI" = "true" ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "error: chromium is missing and this user may not install packages" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
+	else echo "note: no chromium here; the dashboard's browser test will skip (apt-get install chromium)"; fi
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check search space trials dashboard benchmarks tests
 	$(BIN)/mypy search space trials dashboard benchmarks
 	$(BIN)/python -m pytest

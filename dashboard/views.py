@@ -81,6 +81,8 @@ def hover_config(row: pd.Series) -> str:
     params = [f"{k.removeprefix(data.PARAM)}={row[k]}" for k in row.index
               if k.startswith(data.PARAM) and k != f"{data.PARAM}seed" and not pd.isna(row[k])]
     lines = [str(row.get("methods") or "no methods")]
+    if str(row.get("reevaluates") or ""):  # a re-evaluation seed sits beside the trial it repeats
+        lines[0] += f" (seed {row.get('param.seed', '?')}, re-evaluating {row.reevaluates})"
     lines += [", ".join(params[i:i + 3]) for i in range(0, len(params), 3)]
     return "<br>".join(lines)
 
@@ -146,9 +148,12 @@ def _percent_axis(fig: go.Figure, xs: pd.Series, base: float) -> None:
     """A top axis in % of the model, on the same log scale as the count below it."""
     low, high = math.log10(float(xs.min())) - 0.15, math.log10(float(xs.max())) + 0.15
     shift = math.log10(100.0 / base)
+    ticks = [m * 10.0 ** e for e in range(-6, 3) for m in (1, 2, 5)
+             if low + shift <= math.log10(m * 10.0 ** e) <= high + shift]
     fig.update_layout(xaxis={"range": [low, high]}, xaxis2={
         "title": {"text": "% of the model"}, "type": "log", "overlaying": "x", "side": "top",
-        "range": [low + shift, high + shift], "showgrid": False})
+        "range": [low + shift, high + shift], "showgrid": False, "tickvals": ticks,
+        "ticktext": [f"{t:g}%" for t in ticks]})
     # An axis is drawn only with a trace on it: an invisible one spanning the range.
     fig.add_trace(go.Scatter(x=[10 ** (low + shift), 10 ** (high + shift)], y=[None, None], xaxis="x2",
                              mode="markers", showlegend=False, hoverinfo="skip", name="% of the model"))

@@ -6,6 +6,7 @@ finished search's Optuna study beside it (``optuna.db``, as ``search.run`` puts 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -206,6 +207,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     make_trial(c, exp, parent, "trial-001", results.STATUS_FINISHED, metrics, config_of(2, False, 0),
                params_of(2, False), start_ms=now - hour, curve=curve)
     return built
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_app(uri: str, *args: str) -> AppTest:

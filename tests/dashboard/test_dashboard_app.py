@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from tests.dashboard.conftest import (
     TRIALS,
     UNFINISHED_EXPERIMENT,
     Store,
+    free_port,
 )
 
 VIEWS = ["Front", "Progress", "Methods", "Trials", "Export"]
@@ -402,16 +402,10 @@ def test_missing_store_shows_a_message_and_creates_nothing(tmp_path: Path, run_a
     assert not db.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("uri", ["nosuchscheme://host/store", "http://127.0.0.1:{port}",
                                  "postgresql+psycopg2://nobody@127.0.0.1:{port}/mlflow"])
 def test_unreachable_store_is_an_error_naming_it_within_seconds(run_app, uri: str) -> None:
-    uri = uri.format(port=_free_port())
+    uri = uri.format(port=free_port())
     started = time.monotonic()
     at = run_app(uri)
     assert not at.exception
