@@ -10,6 +10,11 @@ re-evaluated ones.
 ``--dry-run`` validates the space, opens the checkpoint's config and the task, and prints the searched
 dimensions, the closed-form size range of the configurations and an estimated cost, without starting Ray.
 
+``--resume [SEARCH]`` continues a search that was stopped (Ctrl-C, SIGTERM, or its driver killed): the latest search
+of the store, or the one with that id (``python -m search.list``). Ended trials are kept, the ones in flight run
+again, and the search stays one MLflow run (``search.resume``, ``PeftSearcher.resume``). Ctrl-C and SIGTERM stop a
+search cleanly and print the command that resumes it.
+
 Exit codes: 0 done, 2 invalid space.yaml, arguments, checkpoint or data (nothing started), 1 the search failed.
 """
 
@@ -19,9 +24,12 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +147,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optuna-storage", default=os.environ.get("OPTUNA_STORAGE"),
                    help="override search.optuna_storage, an Optuna RDB URL (default: env OPTUNA_STORAGE)")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    p.add_argument("--resume", nargs="?", const="", metavar="SEARCH",
+                   help="continue a stopped search: the latest in the store, or the search with this id "
+                        "(python -m search.list); give the same space.yaml and options")
     return p.parse_args(argv)
+
+
+def resume_command(args: argparse.Namespace, search_id: str) -> str:
+    """The command that resumes this search: this interpreter, the same space file and options."""
+    words = [sys.executable, "-m", "search.run", str(args.space)]
+    for option in ("address", "num_trials", "results_dir", "tracking_uri", "optuna_storage"):
+        value = getattr(args, option)
+        if value is not None and not (option == "optuna_storage" and value == os.environ.get("OPTUNA_STORAGE")):
+            words += [f"--{option.replace('_', '-')}", mask(str(value))]
+    words += ["--quiet"] if args.quiet else []
+    return shlex.join([*words, "--resume", search_id])
 
 
 def with_overrides(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
@@ -190,7 +212,34 @@ def main(argv: list[str] | None = None) -> int:
         space = SearchSpace.model_validate(data)
     if args.dry_run:
         return dry_run(space, print)
-    return search(space, args.space.read_text(), echo=(lambda *a: None) if args.quiet else echo)
+    with sigterm_as_sigint():
+        return search(space, args.space.read_text(), echo=(lambda *a: None) if args.quiet else echo,
+                      resume=args.resume, resume_hint=lambda search_id: resume_command(args, search_id),
+                      notice=echo)
+
+
+@contextmanager
+def sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM stops the search as Ctrl-C does (Ray Tune's graceful stop while it runs, else KeyboardInterrupt), so
+    that the runs are marked and the resume command printed rather than the driver dying mid-write."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def trainable_limit(space: SearchSpace, base_params: int) -> int | None:
@@ -249,16 +298,24 @@ def dry_run(space: SearchSpace, echo=print, samples: int = 256) -> int:
     return 0
 
 
-def search(space: SearchSpace, space_text: str, echo=print) -> int:
+def search(space: SearchSpace, space_text: str, echo=print, resume: str | None = None,
+           resume_hint: Callable[[str], str] | None = None, notice: Callable[[str], None] | None = None) -> int:
+    """Run (or, with ``resume`` an id or "" for the latest, continue) a search; the exit code.
+
+    ``notice`` prints what must reach the terminal even with ``--quiet`` (errors, how to resume)."""
+    notice = notice or echo
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Ray's experiment state every 2 s rather than every 10 or more: a killed driver's last trials are in it.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     import optuna
     import ray
     from ray import tune
     from ray.exceptions import RayTaskError
 
     from search import results
+    from search import resume as resuming
     from search.hypervolume import size_reference
     from search.searcher import PeftSearcher, RungScheduler
     from search.tracking import MlflowTrialCallback, SearchRun
@@ -266,20 +323,34 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results_dir = Path(space.search.results_dir).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_name = f"{space.name}-{stamp}"
     uri = tracking_uri(space, results_dir)
+    run_name = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    prior: dict[str, Any] | None = None
+    if resume is not None:
+        try:
+            c = results.client(uri)
+            prior = resuming.find(c, space.tracking.experiment, resume or None, space, results_dir / "ray")
+        except (results.ResultsError, resuming.ResumeError) as exc:
+            notice(f"error: {exc}")
+            return EXIT_BAD_INPUT
+        run_name = str(prior["name"])
+    local_ray = resuming.LocalRay(results_dir / "ray" / f"{run_name}.pids")
+    if prior is not None:
+        ended = local_ray.end_leftovers()
+        if ended:
+            echo(f"ended {len(ended)} process(es) the stopped search's Ray left behind: {', '.join(ended)}")
     study_name = space.search.study_name or run_name
     storage_url = space.search.optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
     objectives = space.objective_names
 
     unreachable = check_address(space.search.address)
     if unreachable is not None:  # ray.init would retry for minutes, printing connection warnings
-        echo(f"error: {unreachable}")
+        notice(f"error: {unreachable}")
         return EXIT_BAD_INPUT
     ray.init(address=space.search.address, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    local_ray.record()  # at once: a driver killed from here on leaves these for --resume to end
 
     @ray.remote(num_cpus=0)
     class ProbeActor:
@@ -308,31 +379,47 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
         info = ray.get(actor.info.remote())
     except RayTaskError as exc:  # the checkpoint or the task cannot be opened: nothing has started
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        echo(f"error: {cause}")
+        notice(f"error: {cause}")
         ray.shutdown()
+        local_ray.forget()
         return EXIT_BAD_INPUT
+    local_ray.record()  # Ray's agents and the first worker are up by now
     base_params = int(info["base_params"])
     limit = trainable_limit(space, base_params)
     for note in info["notes"]:
         echo(f"note: {note}")
 
-    parent = SearchRun(uri, space.tracking.experiment, results_dir / "mlartifacts", run_name, space, space_text)
-    callback = MlflowTrialCallback(parent, space, echo=echo)
-    searcher = PeftSearcher(space, optuna.storages.RDBStorage(storage_url), study_name, Sizes(actor), limit,
-                            base_params, callback, echo=echo)
-    callback.searcher = searcher
     s = space.search
-    stages = f"two stages ({s.stage1} + {s.num_trials - s.stage1} trials)" if s.strategy == "two_stage" else (
-        f"{s.num_trials} trials")
-    echo(f"search {run_name}: {stages}, {s.concurrency} at a time, objectives {objectives}; rungs "
-         f"{space.training.budget.steps()} steps, pruner {s.pruner.name}, sampler {s.sampler}")
-    echo(f"model {space.model.checkpoint}: {base_params:,} parameters"
-         + (f"; configurations above {limit:,} trainable parameters are rejected" if limit is not None else ""))
-    echo(f"MLflow: {mask(uri)} (experiment {space.tracking.experiment!r}, run {parent.run_id}); "
-         f"Optuna study {study_name!r} in {mask(storage_url)}")
-
+    parent = SearchRun(uri, space.tracking.experiment, results_dir / "mlartifacts", run_name, space, space_text,
+                       resume_id=None if prior is None else str(prior["run_id"]))
+    # From here every way out ends the search run (and its trial runs) with a clear state.
     status = results.STATUS_FAILED
+    searcher: PeftSearcher | None = None
+    callback = MlflowTrialCallback(parent, space, echo=echo)
+    stopped: list[str] = []
     try:
+        searcher = PeftSearcher(space, optuna.storages.RDBStorage(storage_url), study_name, Sizes(actor), limit,
+                                base_params, callback, echo=echo)
+        callback.searcher = searcher
+        stages = f"two stages ({s.stage1} + {s.num_trials - s.stage1} trials)" if s.strategy == "two_stage" else (
+            f"{s.num_trials} trials")
+        echo(f"search {run_name}: {stages}, {s.concurrency} at a time, objectives {objectives}; rungs "
+             f"{space.training.budget.steps()} steps, pruner {s.pruner.name}, sampler {s.sampler}")
+        echo(f"model {space.model.checkpoint}: {base_params:,} parameters"
+             + (f"; configurations above {limit:,} trainable parameters are rejected" if limit is not None else ""))
+        echo(f"MLflow: {mask(uri)} (experiment {space.tracking.experiment!r}, run {parent.run_id}); "
+             f"Optuna study {study_name!r} in {mask(storage_url)}")
+        experiment = run_name
+        reruns = 0
+        if prior is not None:
+            marked = resuming.mark_interrupted(parent.client, parent.run_id, space.tracking.experiment)
+            kept = resuming.records(parent.client, parent.run_id, space.tracking.experiment)
+            reruns = len(searcher.resume(kept, parent.seconds_before))
+            segments = len(list((results_dir / "ray").glob(f"{run_name}-resume-*")))
+            experiment = f"{run_name}-resume-{segments + 1}"
+            echo(f"resuming search {run_name} after {parent.seconds_before:.0f} s: {len(kept)} trial run(s) kept "
+                 f"({marked} left running by a stopped driver, now interrupted); {reruns} interrupted trial(s) run "
+                 f"again first")
         tuner = tune.Tuner(
             tune.with_resources(trainable, trial_resources(space)),
             # Ray trials are at most the proposals plus the re-evaluations; one more sample lets Ray ask the
@@ -340,31 +427,44 @@ def search(space: SearchSpace, space_text: str, echo=print) -> int:
             tune_config=tune.TuneConfig(search_alg=tune.search.ConcurrencyLimiter(searcher, s.concurrency),
                                         scheduler=RungScheduler(searcher), reuse_actors=True,
                                         num_samples=s.num_trials + s.reevaluate.top * s.reevaluate.seeds
-                                        + len(s.baselines) + 1),
-            run_config=tune.RunConfig(name=run_name, storage_path=str(results_dir / "ray"), verbose=0,
+                                        + len(s.baselines) + reruns + 1),
+            run_config=tune.RunConfig(name=experiment, storage_path=str(results_dir / "ray"), verbose=0,
                                       callbacks=[callback], failure_config=tune.FailureConfig(max_failures=0)),
         )
         tuner.fit()
-        # Ray catches Ctrl-C itself and returns from fit(): a search whose searcher never said it was done was
-        # stopped, and what still ran is interrupted.
+        # Ray catches Ctrl-C (and SIGTERM, passed on as SIGINT) itself and returns from fit(): a search whose
+        # searcher never said it was done was stopped, and what still ran is interrupted.
         status = results.STATUS_FINISHED if searcher.exhausted() else results.STATUS_INTERRUPTED
     except KeyboardInterrupt:
         status = results.STATUS_INTERRUPTED
     finally:
-        stopped = searcher.interrupt()
+        if searcher is not None:
+            unstarted = {tid: live for tid, live in searcher.live.items() if tid not in callback.run_ids}
+            stopped = searcher.interrupt()
+            for tid, live in unstarted.items():  # proposed to Ray, which had not started them: interrupted runs too
+                slot = {"mps.slot": str(live.slot)} if live.slot is not None else {}
+                callback.settled(live.number, live.phase, live.cfg, dict(live.ot.params) if live.ot else {},
+                                 results.STATUS_INTERRUPTED, {}, "not started when the search stopped; run again on "
+                                 "resume", tags={"mps.ray_trial_id": tid, **slot})
         callback.mark_interrupted(stopped)
-        if status == results.STATUS_INTERRUPTED:
-            echo(f"interrupted: {len(stopped)} running trial(s) marked interrupted; finished trials are kept")
         df = results.trials(parent.client, space.tracking.experiment, parent.run_id)
         front = results.reevaluated(df, results.pareto(df, objectives), objectives)
-        counts = callback.counts()
-        hv = searcher.hypervolume()
+        counts, rerun = resuming.trial_counts(df)
+        hv = searcher.hypervolume() if searcher is not None else 0.0
         summary: dict[str, float] = {f"trials_{k}": v for k, v in counts.items()}
-        summary.update(hypervolume=hv, steps_saved_by_pruning=searcher.steps_saved)
+        if searcher is not None:
+            summary.update(hypervolume=hv, steps_saved_by_pruning=searcher.steps_saved)
         parent.finish(status, front.to_csv(index=False) if not front.empty else None, summary)
         ray.shutdown()
+        local_ray.forget()
+        if status == results.STATUS_INTERRUPTED:
+            notice(f"interrupted: {len(stopped)} running trial(s) marked interrupted; ended trials are kept")
+            if resume_hint is not None:
+                notice(f"resume with: {resume_hint(parent.run_id)}")
+    assert searcher is not None  # an error in building it has left through the finally above
     echo("")
-    echo(", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("finished", "pruned", "failed")))
+    echo(", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("finished", "pruned", "failed"))
+         + (f" ({rerun} interrupted run(s) trained again)" if rerun else ""))
     if searcher.stop_reason:
         echo(searcher.stop_reason)
     saved, trained = searcher.steps_saved, searcher.steps_trained

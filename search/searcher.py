@@ -15,6 +15,9 @@ worker as that object's JSON. Before anything trains:
 While trials train, ``RungScheduler`` hands every rung report to ``PeftSearcher.rung``, which stores the value in
 the Optuna trial's user attributes (``search.pruners.record_rung``) and asks the study's pruner; Ray stops what it
 prunes. Ray is told to stop asking once every phase is done or the time budget would be overrun.
+
+``PeftSearcher.resume`` continues a stopped search (``python -m search.run --resume``) from what Optuna and MLflow
+hold; its docstring says why the search is rebuilt from them rather than restored from Ray's experiment state.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ray.tune.search import Searcher
 
 from search.faults import error_reason, error_text
 from search.hypervolume import search_hypervolume
-from search.pruners import SIZE_ATTR, make_pruner, record_rung
+from search.pruners import RUNG_ATTR, SIZE_ATTR, make_pruner, record_rung
 from space.config import PRUNER_OPTIONS, SearchSpace, TrialConfig, baseline_trial, dimensions, sample_trial
 from space.metrics import WORST, better, direction, quality_metric, size_metric, test_metric
 from space.stages import selected_methods, stage1_space, stage2_sampler
@@ -44,7 +47,35 @@ from trials.report import FINISHED
 STATE_ATTR = "mps_state"  # the trial state in the project's words (space.metrics.TRIAL_STATES)
 ERROR_ATTR = "mps_error"  # a failed trial's exception type and message
 KEY_ATTR = "mps_config"  # the configuration, as compared for duplicates
+NUMBER_ATTR = "mps_number"  # the trial's number (trial-NNN); a trial run again after an interruption keeps it
+TRIAL_ATTR = "mps_trial"  # the TrialConfig handed to Ray, as JSON: what a resumed search runs again
+METRICS_ATTR = "mps_metrics"  # a finished trial's objectives and test metric: what its duplicates reuse
+# States a trial ends in for good; ``interrupted`` (and ``running``, for a driver that was killed) are run again.
+FINAL_STATES = ("finished", "pruned", "failed", "duplicate", "rejected")
 CONSTRAINT = "max_trainable"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One MLflow run of a search's trial, as ``PeftSearcher.resume`` reads it (``search.resume.records``)."""
+
+    number: int
+    phase: str
+    state: str  # mps.status; runs still ``running`` when the driver died are marked interrupted first
+    slot: int | None = None  # baseline and re-evaluation runs: their place in the phase's queue
+
+
+@dataclass
+class Rerun:
+    """A trial that was in flight when the search stopped: trained again with its number and configuration."""
+
+    phase: Phase
+    number: int | None  # None: the driver died before it got a run; it takes the next number
+    cfg: TrialConfig
+    size: int
+    of: int | None = None
+    slot: int | None = None
+    frozen: optuna.trial.FrozenTrial | None = None  # its interrupted Optuna trial (searched phases)
 
 
 class Sizes(Protocol):
@@ -138,6 +169,7 @@ class Live:
     ot: optuna.trial.Trial | None
     started: float
     last_step: int = 0
+    slot: int | None = None  # baseline and re-evaluation trials: their place in the phase's queue
 
 
 class PeftSearcher(Searcher):
@@ -180,15 +212,21 @@ class PeftSearcher(Searcher):
         self.completed = 0  # searched trials over, in any state (the hypervolume curve's x axis)
         self.stop_reason: str | None = None
         self.stage1_selection: list[str] | None = None
+        self.reruns: list[Rerun] = []  # in flight when the search stopped: trained first on resume
+        self.records: dict[str, list[TrialRecord]] | None = None  # MLflow's trials by phase, while resuming
 
     # -- phases -------------------------------------------------------------------------------------------------
     def _study(self, suffix: str, seed: int) -> optuna.Study:
         p = self.space.search.pruner
         pruner = make_pruner(p.name, self._direction(), **{k: getattr(p, k) for k in PRUNER_OPTIONS[p.name]})
-        return optuna.create_study(
+        study = optuna.create_study(
             storage=self.storage, study_name=f"{self.study_name}{suffix}", load_if_exists=True,
             directions=["maximize" if o.mode == "max" else "minimize" for o in self.space.objectives],
             sampler=make_sampler(self.space, seed), pruner=pruner or optuna.pruners.NopPruner())
+        told = len(study.get_trials(deepcopy=False))
+        if told:  # a resumed study: a sampler seeded as at the start would propose its first trials again
+            study.sampler = make_sampler(self.space, seed + told)
+        return study
 
     def _direction(self) -> str:
         return next(o.mode for o in self.space.objectives if o.metric == self.quality)
@@ -215,11 +253,17 @@ class PeftSearcher(Searcher):
         return phases
 
     def _advance(self) -> None:
-        """The current phase has proposed its budget and nothing of it runs: set up the next one."""
+        """The current phase has proposed its budget and nothing of it runs: set up the next one (and, on resume,
+        restore what of it already ran)."""
         self.current += 1
         if self.current >= len(self.phases):
             return
         phase = self.phases[self.current]
+        self._setup(phase)
+        if self.records is not None:
+            self._restore(phase)
+
+    def _setup(self, phase: Phase) -> None:
         if phase.name == "stage2":
             best = self._best(phase="stage1")
             phase.study = self._study("-stage2", self.space.search.seed + 1)
@@ -273,6 +317,8 @@ class PeftSearcher(Searcher):
             if self.relaunch:  # proposals that waited on a running twin whose run then failed: trained now
                 ot, phase, cfg, size = self.relaunch.pop(0)
                 return self._launch(trial_id, phase, cfg, ot, ot.params, size, None)
+            if self.reruns:  # in flight when the search stopped: trained again, under the same numbers
+                return self._launch_rerun(trial_id, self.reruns.pop(0))
             if self.current >= len(self.phases):
                 self.done = True
                 return Searcher.FINISHED
@@ -291,7 +337,8 @@ class PeftSearcher(Searcher):
             if phase.name in REFERENCE_PHASES:
                 cfg, of = phase.queue[phase.proposed]
                 phase.proposed += 1
-                return self._launch(trial_id, phase, cfg, None, {}, self.sizes.trainable(cfg), of)
+                return self._launch(trial_id, phase, cfg, None, {}, self.sizes.trainable(cfg), of,
+                                    slot=phase.proposed - 1)
             config = self._propose(trial_id, phase)
             if config is not None:
                 return config
@@ -328,7 +375,7 @@ class PeftSearcher(Searcher):
         self.number += 1
         note = f"could not be built: {type(exc).__name__}: {exc}"
         ot.set_user_attr(STATE_ATTR, "failed")
-        ot.set_user_attr("mps_number", self.number)
+        ot.set_user_attr(NUMBER_ATTR, self.number)
         ot.set_user_attr("mps_note", note[:2000])
         assert phase.study is not None
         phase.study.tell(ot, None, state=TrialState.FAIL)
@@ -347,20 +394,24 @@ class PeftSearcher(Searcher):
                          f"same configuration as {name}, which was pruned at step {first['step']}; not trained again")
 
     def _launch(self, trial_id: str, phase: Phase, cfg: TrialConfig, ot: optuna.trial.Trial | None,
-                params: dict[str, Any], size: int, of: int | None) -> dict[str, Any]:
-        self.number += 1
+                params: dict[str, Any], size: int, of: int | None, number: int | None = None,
+                slot: int | None = None) -> dict[str, Any]:
+        if number is None:
+            self.number += 1
+            number = self.number
         if ot is not None:
             ot.set_user_attr(STATE_ATTR, "running")
-            ot.set_user_attr("mps_number", self.number)
-        self.live[trial_id] = Live(self.number, phase.name, cfg, config_key(cfg), size, ot, self.clock())
-        return {"trial": cfg.model_dump_json(), "number": self.number, "phase": phase.name, "params": params,
-                "summary": cfg.summary(), "trainable_params": size, "reevaluates": of}
+            ot.set_user_attr(NUMBER_ATTR, number)
+            ot.set_user_attr(TRIAL_ATTR, cfg.model_dump_json())
+        self.live[trial_id] = Live(number, phase.name, cfg, config_key(cfg), size, ot, self.clock(), slot=slot)
+        return {"trial": cfg.model_dump_json(), "number": number, "phase": phase.name, "params": params,
+                "summary": cfg.summary(), "trainable_params": size, "reevaluates": of, "slot": slot}
 
     def _settle(self, ot: optuna.trial.Trial, phase: Phase, cfg: TrialConfig, state: str, tell: TrialState,
                 values: list[float] | None, metrics: dict[str, Any], note: str) -> None:
         self.number += 1
         ot.set_user_attr(STATE_ATTR, state)
-        ot.set_user_attr("mps_number", self.number)
+        ot.set_user_attr(NUMBER_ATTR, self.number)
         ot.set_user_attr("mps_note", note)
         assert phase.study is not None
         phase.study.tell(ot, values, state=tell)
@@ -458,6 +509,8 @@ class PeftSearcher(Searcher):
                                  "trainable_params": live.size})
         if live.ot is not None:
             live.ot.set_user_attr(STATE_ATTR, state)
+            if finished:
+                live.ot.set_user_attr(METRICS_ATTR, metrics)
             live.ot.study.tell(live.ot, values, state=tell)
             if state in ("finished", "pruned"):
                 outcome = {"number": live.number, "state": state, "step": live.last_step,
@@ -476,7 +529,7 @@ class PeftSearcher(Searcher):
         stopped asking (it stops at its sample count without a last ``suggest``)."""
         if self.done:
             return True
-        if self.live or self.pending or self.relaunch:
+        if self.live or self.pending or self.relaunch or self.reruns:
             return False
         if self.current >= len(self.phases):
             return True
@@ -497,6 +550,128 @@ class PeftSearcher(Searcher):
         self.relaunch.clear()
         return ids
 
+    # -- resume ---------------------------------------------------------------------------------------------------
+    def resume(self, records: list[TrialRecord], spent: float = 0.0) -> list[Rerun]:
+        """Continue a stopped search from what its Optuna studies and MLflow runs hold; the trials to run again.
+
+        The search is rebuilt from those records rather than restored with Ray's ``Tuner.restore``. Optuna's
+        storage holds every searched trial with its state (``mps_state``), number, configuration and rung values,
+        written as each event happens; MLflow holds every run, the re-evaluation and baseline ones included. Ray's
+        experiment state is a snapshot written every few seconds, so after ``kill -9`` it can miss the last trials
+        started, and restoring it would also unpickle a searcher bound to the dead driver's Ray actors and MLflow
+        client. So the resumed search is a new Ray experiment (``<search>-resume-N``) in the same MLflow search run
+        and the same studies:
+        - trials that ended (finished, pruned, failed, duplicate, rejected) are kept and count toward their phase's
+          budget; finished ones feed the front, stage 2's choice of methods, the re-evaluation and duplicates;
+        - trials still running in Optuna (the driver was killed) are told FAIL with state ``interrupted``; every
+          interrupted trial without a later ending is trained again first, under its number, as a new Optuna
+          trial with the same parameters (so Optuna and MLflow hold one trial per run);
+        - a proposal that never got a number (asked, or waiting on a running twin, when the driver stopped) is told
+          FAIL and proposed afresh: it never used the phase's budget;
+        - the phases are set up again in order up to the first one not done, as the uninterrupted search would
+          have (stage 2 from stage 1's best trial, the re-evaluation from the front).
+        ``spent`` is the seconds the search already ran, which ``search.time_budget`` counts too."""
+        self.records = {}
+        for r in records:
+            self.records.setdefault(r.phase, []).append(r)
+        self.number = max([self.number, *(r.number for r in records)])
+        self.start = self.clock() - spent
+        self.current = 0
+        self._restore(self.phases[0])
+        while self.current + 1 < len(self.phases) and self._spent(self.phases[self.current]):
+            self._advance()
+        return list(self.reruns)
+
+    def _spent(self, phase: Phase) -> bool:
+        return phase.proposed >= phase.budget and not any(r.phase is phase for r in self.reruns)
+
+    def _restore(self, phase: Phase) -> None:
+        assert self.records is not None
+        if phase.study is not None:
+            self._restore_study(phase)
+        else:
+            self._restore_queue(phase, self.records.get(phase.name, []))
+
+    def _restore_study(self, phase: Phase) -> None:
+        assert phase.study is not None and self.records is not None
+        study = phase.study
+        runs = {r.number for r in self.records.get(phase.name, [])}
+        by_number: dict[int, list[optuna.trial.FrozenTrial]] = {}
+        for t in study.get_trials(deepcopy=False):
+            number = t.user_attrs.get(NUMBER_ATTR)
+            if t.state == TrialState.RUNNING:  # the driver died with it in flight
+                study._storage.set_trial_user_attr(t._trial_id, STATE_ATTR, "interrupted")
+                study.tell(t.number, None, state=TrialState.FAIL)
+                t = study._storage.get_trial(t._trial_id)
+            if number is not None:
+                by_number.setdefault(int(number), []).append(t)
+        phase.proposed = len(by_number)
+        self.number = max([self.number, *by_number])  # a number Optuna gave out before the driver died
+        for number, tries in sorted(by_number.items()):
+            ended = [t for t in tries if t.user_attrs.get(STATE_ATTR) in FINAL_STATES]
+            if ended:
+                self._account(phase, number, ended[-1])
+                continue
+            last = tries[-1]
+            cfg = TrialConfig.model_validate_json(last.user_attrs[TRIAL_ATTR])
+            if number not in runs:  # started in Optuna, killed before its MLflow run: it gets one, interrupted
+                self.recorder.settled(number, phase.name, cfg, dict(last.params), "interrupted", {},
+                                      "in flight when the search stopped; run again")
+            self.reruns.append(Rerun(phase, number, cfg, int(last.user_attrs.get(SIZE_ATTR, 0)), frozen=last))
+
+    def _account(self, phase: Phase, number: int, t: optuna.trial.FrozenTrial) -> None:
+        """An ended trial of a resumed search, counted as ``on_trial_complete`` or ``_settle`` counted it."""
+        state = t.user_attrs[STATE_ATTR]
+        self.completed += 1
+        if state == "failed":
+            self.failures += 1
+        if state not in ("finished", "pruned"):
+            return
+        key = t.user_attrs[KEY_ATTR]
+        if state == "pruned":
+            step = max((int(k) for k in t.user_attrs.get(RUNG_ATTR, {})), default=0)
+            self.steps_trained += step
+            self.steps_saved += self.max_steps - step
+            self.outcomes.setdefault(key, {"number": number, "state": state, "step": step, "metrics": {}})
+            return
+        metrics = t.user_attrs.get(METRICS_ATTR) or dict(zip(self.objectives, t.values or [], strict=False))
+        self.steps_trained += self.max_steps
+        self.outcomes.setdefault(key, {"number": number, "state": state, "step": self.max_steps, "metrics": metrics})
+        if TRIAL_ATTR in t.user_attrs:  # every launched trial has it, but for searches from before resume existed
+            self.results.append({"number": number, "phase": phase.name,
+                                 "cfg": TrialConfig.model_validate_json(t.user_attrs[TRIAL_ATTR]), **metrics,
+                                 "trainable_params": int(t.user_attrs.get(SIZE_ATTR, 0))})
+
+    def _restore_queue(self, phase: Phase, records: list[TrialRecord]) -> None:
+        """A baseline or re-evaluation phase: its queue is rebuilt as it was, and its runs are matched by slot."""
+        by_slot: dict[int, list[TrialRecord]] = {}
+        for r in records:
+            if r.slot is not None:
+                by_slot.setdefault(r.slot, []).append(r)
+        phase.proposed = min(phase.budget, max(by_slot, default=-1) + 1)
+        for slot in range(phase.proposed):
+            runs = by_slot.get(slot, [])
+            if any(r.state in FINAL_STATES for r in runs):
+                self.steps_trained += self.max_steps if any(r.state == "finished" for r in runs) else 0
+                continue
+            cfg, of = phase.queue[slot]
+            self.reruns.append(Rerun(phase, runs[-1].number if runs else None, cfg, self.sizes.trainable(cfg), of,
+                                     slot))
+
+    def _launch_rerun(self, trial_id: str, rerun: Rerun) -> dict[str, Any]:
+        ot = None
+        if rerun.frozen is not None:  # a new Optuna trial with the interrupted one's parameters and attributes
+            study = rerun.phase.study
+            assert study is not None
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, params=rerun.frozen.params, distributions=rerun.frozen.distributions,
+                user_attrs={k: v for k, v in rerun.frozen.user_attrs.items() if k in (SIZE_ATTR, KEY_ATTR)})
+            ot = optuna.trial.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
+            if self.limit is not None:
+                ot.set_constraint(CONSTRAINT, float(rerun.size - self.limit))
+        return self._launch(trial_id, rerun.phase, rerun.cfg, ot, ot.params if ot is not None else {}, rerun.size,
+                            rerun.of, number=rerun.number, slot=rerun.slot)
+
     def hypervolume(self) -> float:
         rows = [r for r in self.results if r["phase"] not in REFERENCE_PHASES]
         return search_hypervolume(rows, self.quality, self.size, self.base_params)
@@ -515,7 +690,8 @@ class PeftSearcher(Searcher):
                        "steps_trained": self.steps_trained}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError("resuming a search is not supported yet: start a new one")
+        raise NotImplementedError("a search resumes from Optuna and MLflow (PeftSearcher.resume, search.run "
+                                  "--resume), not from Ray's checkpoint")
 
 
 class RungScheduler(FIFOScheduler):

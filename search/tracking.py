@@ -24,13 +24,20 @@ from trials.report import FINISHED
 # Per-rung metrics are logged as curves; the rest of the final report is logged once.
 CURVE_KEYS = (*(m for m in METRICS if kind(m) in ("rung", "size")), "train_loss")
 FINAL_KEYS = (*METRICS, "steps_done")
+SPACE_ARTIFACT = "space.json"  # the effective space (file plus command-line overrides), masked: what resume compares
+SECONDS_TAG = "mps.seconds"  # seconds the search has run over all its sessions, which search.time_budget counts
+
+
+def effective_space(space: SearchSpace) -> str:
+    return mask(json.dumps(space.model_dump(mode="json"), sort_keys=True, indent=1))
 
 
 class SearchRun:
-    """The parent MLflow run of one search."""
+    """The parent MLflow run of one search: created by a new search, reopened by a resumed one (``resume_id``), so
+    that a search is one run from its start to its end however often it was stopped."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, run_name: str,
-                 space: SearchSpace, space_text: str) -> None:
+                 space: SearchSpace, space_text: str, resume_id: str | None = None) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -38,6 +45,15 @@ class SearchRun:
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.started = time.time()  # this session's start: the seconds tag adds the time it has run
+        if resume_id is not None:
+            run = self.client.get_run(resume_id)
+            self.run_id, self.experiment_id = resume_id, run.info.experiment_id
+            self.seconds_before = float(run.data.tags.get(SECONDS_TAG, 0.0))
+            self.client.update_run(resume_id, status="RUNNING")
+            self.client.set_tag(resume_id, "mps.status", "running")
+            return
+        self.seconds_before = 0.0
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None and tracking_uri.startswith(("http://", "https://")):
             # A tracking server stores (or proxies) artifacts itself, where every client can read them.
@@ -59,15 +75,22 @@ class SearchRun:
             "reevaluate": f"top {s.reevaluate.top}, {s.reevaluate.seeds} seeds", "max_trainable": s.max_trainable,
             "time_budget": s.time_budget, "model": space.model.checkpoint, "task": space.task.name}.items()])
         self.client.log_text(self.run_id, mask(space_text), "space.yaml")  # passwords in URLs never reach MLflow
+        self.client.log_text(self.run_id, effective_space(space), SPACE_ARTIFACT)
+
+    def seconds(self) -> float:
+        """Seconds the search has run, over every session of it."""
+        return self.seconds_before + time.time() - self.started
 
     def hypervolume(self, completed: int, value: float) -> None:
-        self.client.log_batch(self.run_id, metrics=[_metric("hypervolume", value, completed)])
+        self.client.log_batch(self.run_id, metrics=[_metric("hypervolume", value, completed)],
+                              tags=[_tag(SECONDS_TAG, f"{self.seconds():.1f}")])
 
     def finish(self, status: str, pareto_csv: str | None, summary: dict[str, float]) -> None:
         if pareto_csv is not None:
             self.client.log_text(self.run_id, pareto_csv, "pareto.csv")
         self.client.log_batch(self.run_id, metrics=[_metric(k, v) for k, v in summary.items()])
         self.client.set_tag(self.run_id, "mps.status", status)
+        self.client.set_tag(self.run_id, SECONDS_TAG, f"{self.seconds():.1f}")
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "KILLED")
 
 
@@ -75,6 +98,12 @@ def _param(key: str, value: Any):
     from mlflow.entities import Param
 
     return Param(key, str(value)[:6000])
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
 
 
 def _metric(key: str, value: float, step: int = 0):
@@ -117,10 +146,10 @@ class MlflowTrialCallback(Callback):
         return run_id
 
     def settled(self, number: int, phase: str, cfg: TrialConfig, params: dict[str, Any], state: str,
-                metrics: dict[str, float], note: str) -> None:
-        run_id = self._open(number, phase, cfg, params, {"mps.status": state, "mps.note": note})
+                metrics: dict[str, float], note: str, tags: dict[str, str] | None = None) -> None:
+        run_id = self._open(number, phase, cfg, params, {"mps.status": state, "mps.note": note, **(tags or {})})
         self._client().log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items() if _finite(v)])
-        self._client().set_terminated(run_id, "FINISHED")
+        self._client().set_terminated(run_id, "KILLED" if state == "interrupted" else "FINISHED")
         self.statuses[f"settled-{number}"] = state
         self.echo(f"{self._label(number, phase)} {state:<9} {cfg.summary()}: {note}")
 
@@ -137,6 +166,8 @@ class MlflowTrialCallback(Callback):
                 "mps.trainable_params": str(config["trainable_params"])}
         if config.get("reevaluates") is not None:
             tags["mps.reevaluates"] = f"trial-{int(config['reevaluates']):03d}"
+        if config.get("slot") is not None:  # a baseline or re-evaluation run: its place in the queue, for resume
+            tags["mps.slot"] = str(config["slot"])
         self.run_ids[trial.trial_id] = self._open(number, phase, cfg, dict(config["params"]), tags)
         self.numbers[trial.trial_id] = number
         self.summaries[trial.trial_id] = cfg.summary()
