@@ -49,10 +49,10 @@ def test_config_diff_keeps_only_the_keys_that_differ() -> None:
 
 
 def test_best_so_far_counts_every_completed_trial_but_only_finished_values() -> None:
-    df = pd.DataFrame({"trial": ["t1", "t2", "t3"], "status": ["finished", "pruned", "finished"],
-                       "phase": "search", "val_accuracy": [0.5, 0.9, 0.7],
-                       "end_time": pd.to_datetime([1, 2, 3], unit="s")})
-    assert data.best_so_far(df, "val_accuracy").best.tolist() == [0.5, 0.5, 0.7]
+    df = pd.DataFrame({"trial": ["t1", "t2", "t3", "t4"], "status": ["finished", "pruned", "finished", "finished"],
+                       "phase": "search", "val_accuracy": [0.5, 0.9, 0.7, 0.6],
+                       "end_time": pd.to_datetime([1, 2, 3, 4], unit="s")})
+    assert data.best_so_far(df, "val_accuracy").best.tolist() == [0.5, 0.5, 0.7, 0.7]
 
 
 def test_reevaluation_seeds_and_baselines_are_not_searched_trials() -> None:
