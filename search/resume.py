@@ -199,7 +199,8 @@ def terminate(procs: list[Any], grace: float) -> None:
 
 def ray_trial_ids(ray_dir: Path, run_name: str) -> list[str]:
     """Ray's own record of a search's trials: the trial ids in the latest experiment state of each of its sessions
-    (``<search>``, ``<search>-resume-N``), which every Ray trial of the search holds once."""
+    (``<search>``, ``<search>-resume-N``). A session that ended holds all its trials; the snapshot of a killed one
+    (written every ``TUNE_GLOBAL_CHECKPOINT_S``) may lack those it started in its last seconds."""
     ids = []
     for session in sorted(ray_dir.glob(f"{run_name}*")):
         states = sorted(session.glob("experiment_state-*.json"))
