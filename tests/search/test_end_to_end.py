@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -102,7 +103,6 @@ def test_two_stage_search_with_pruning_logs_every_trial_then_export_and_train_th
     out = tmp_path / "trained"
     assert train_main([str(tmp_path / "best.yaml"), "--out", str(out)]) == 0
     assert (out / "adapter" / "adapter.safetensors").exists() and (out / "metrics.json").exists()
-    import json
 
     assert json.loads((out / "metrics.json").read_text())["steps"] == 8  # the schedule the search ranked
     ids = torch.randint(259, 276, (3, 64))
@@ -142,6 +142,11 @@ search: {{num_trials: 12, reevaluate: {{top: 0}}, results_dir: {tmp_path / 'runs
     assert f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in export
     assert export_main([*export[3:-2], "-o", str(tmp_path / "best.yaml")]) == 0
     assert "lora_in_proj" in (tmp_path / "best.yaml").read_text()
+    # Retrained with its seed on the search's schedule, the exported trial reaches the validation accuracy the search
+    # measured through Ray (tests/search/test_training.py checks the training run, registry and reload in-process).
+    assert train_main([str(tmp_path / "best.yaml"), "--out", str(tmp_path / "trained")]) == 0
+    trained = json.loads((tmp_path / "trained" / "metrics.json").read_text())
+    assert trained["val_accuracy"] == pytest.approx(c.get_run(df.run_id[0]).data.metrics["val_accuracy"], abs=0.01)
     assert export_main([*export[3:-2], "--pick", "knee", "-o", str(tmp_path / "knee.yaml")]) == 0  # one trial
     capsys.readouterr()
     assert export_main([*export[3:-2], "--pick", "budget=10", "-o", str(tmp_path / "none.yaml")]) == 2
