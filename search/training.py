@@ -8,9 +8,10 @@ reads a search's own children only, so a training run is never counted as a tria
 is logged without those links.
 
 The run holds the config, the validation curve, the final metrics, ``metrics.json``, ``task.json`` and the adapter.
-``--register NAME`` logs the saved model as an MLflow pyfunc model (``TrainedModel``: the merged model when every
-method merges, else the base model plus the adapter) and registers it as a new version of NAME, tagged with its
-metrics. ``mlflow.pyfunc.load_model("models:/NAME/1").predict(pd.DataFrame({"text": [...]}))`` then returns what
+``--register NAME`` logs the saved model as an MLflow pyfunc model (``TrainedModel``, from code in
+``search/registered_model.py``: the merged model when every method merges, else the base model plus the adapter)
+and registers it as a new version of NAME, tagged with its metrics.
+``mlflow.pyfunc.load_model("models:/NAME/1").predict(pd.DataFrame({"text": [...]}))`` then returns what
 ``python -m trials.predict`` prints, wherever this project is installed.
 """
 
@@ -89,6 +90,11 @@ class TrainingRun:
         if search:
             links["mps.search"] = search
         return cls(uri, exp_id, f"train-{trial.info.run_name or trial_run[:8]}", links, register)
+
+    @property
+    def where(self) -> str:
+        """The store and experiment, for the terminal (a password masked)."""
+        return f"{mask(self.tracking_uri)}, experiment {self.experiment_id}"
 
     # --- trials.train.TrainingLog ---
 
@@ -177,7 +183,8 @@ def register_model(tracking_uri: str, run_id: str, out: Path, name: str, metrics
     scores = _numbers({k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=TrainedModel(), artifacts={"model": str(source)},
+            name=MODEL_NAME, python_model=str(Path(__file__).with_name("registered_model.py")),
+            artifacts={"model": str(source)},
             registered_model_name=name, signature=ModelSignature(inputs=Schema([ColSpec("string", "text")])),
             pip_requirements=_requirements(), metadata={"form": source.name if source != out else "adapter"})
     model_version = str(info.registered_model_version)

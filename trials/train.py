@@ -268,7 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingLogError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    train(cfg, a.out or Path("outputs") / a.config.stem, a.steps, log=log)
+    out = a.out or Path("outputs") / a.config.stem
+    train(cfg, out, a.steps, log=log)
+    if log is not None:
+        print(f"logged as MLflow run {log.run_id} ({log.where})")
+        if log.version is not None:
+            print(f"registered as {a.register} version {log.version}: mlflow.pyfunc.load_model"
+                  f"(\"models:/{a.register}/{log.version}\")")
+    print(f"predict with `python -m trials.predict {out} texts.txt`")
     return 0
 
 
