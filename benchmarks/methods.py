@@ -31,7 +31,7 @@ def build(config: str) -> Any:
 
     quiet_transformers()
     if config == "tiny":
-        return load_base_model("embedded")
+        return load_base_model("embedded-tiny")
     cfg = MambaConfig(vocab_size=288, hidden_size=768, num_hidden_layers=4, state_size=16, expand=2)
     return use_scan(MambaForCausalLM(cfg), "auto")
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         space = Path(tmp) / "space.yaml"
         space.write_text(f"""
 name: overhead
-model: {{checkpoint: embedded}}
+model: {{checkpoint: embedded-tiny}}
 task: {{name: digits}}
 methods: {{lora_in_proj: {{enabled: search, rank: {{choices: [2, 4]}}}}, a_log_delta: {{enabled: search}}}}
 training: {{budget: {{rungs: [{a.steps}], max_steps: {a.steps}}}, batch_size: 16,

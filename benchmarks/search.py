@@ -63,7 +63,7 @@ def bench_space(task: str, arm: str, seed: int, trials: int, min_steps: int, max
                               "reevaluate": {"top": 0}, "concurrency": 1}
     return SearchSpace.model_validate({
         "name": f"bench-{task}-{arm}-{seed}",
-        "model": {"checkpoint": "embedded", "pooling": {"choices": ["last", "mean"]}},
+        "model": {"checkpoint": "embedded-tiny", "pooling": {"choices": ["last", "mean"]}},
         "task": {"name": task},
         "methods": METHODS,
         "training": {"budget": {"min_steps": min_steps, "max_steps": max_steps, "reduction_factor": 2},

@@ -55,7 +55,9 @@ POOLINGS: tuple[str, ...] = get_args(Pooling)
 class ModelSpec(Strict):
     """The base model of one trial."""
 
-    checkpoint: str = "embedded"  # "embedded", a local HF checkpoint directory, or a hub model id
+    # "embedded" (the shipped small pretrained Mamba; "embedded-small" and "embedded-tiny" name each shipped one), a
+    # local HF checkpoint directory, or a hub model id
+    checkpoint: str = "embedded"
     tokenizer: str = "auto"  # "auto" (the checkpoint's own, else bytes), "bytes", or a tokenizer path/id
     # How the classifier reads the sequence: the hidden state at the last real position, or the mean over the
     # real positions.
@@ -87,6 +89,7 @@ TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 BUILTIN_TASK_TYPES: dict[str, TaskType] = {
     "digits": "classification",
     "pydoc_topics": "classification",
+    "stdlib_modules": "classification",
     "stdlib_docstrings": "causal_lm",
     "stdlib_functions": "multiple_choice",
 }
@@ -109,7 +112,8 @@ class TaskSpec(Strict):
     language model's log-likelihood of it given the question). Built-in tasks have a fixed type.
     """
 
-    name: Literal["digits", "pydoc_topics", "stdlib_docstrings", "stdlib_functions", "csv", "jsonl", "hf"] = "digits"
+    name: Literal["digits", "pydoc_topics", "stdlib_modules", "stdlib_docstrings", "stdlib_functions", "csv", "jsonl",
+                  "hf"] = "digits"
     type: TaskType | None = None  # None: the built-in task's type, classification for user data
     shots_per_class: int = Field(default=10, ge=1)  # built-in classification tasks: size of the few-shot train split
     split_seed: int = 0  # fixes the built-in splits; never searched

@@ -358,10 +358,10 @@ def load_pydoc_task(seed: int = 0, shots_per_class: int = 32, window: int = 96,
 
 # --- standard-library functions (causal_lm, multiple_choice) ----------------------------------------------
 
-# Pure-Python standard-library modules whose public functions and methods make the two stdlib tasks. None is in
-# trials.pretrain.STDLIB_FILES (what the embedded model was pretrained on) or pydoc_data; modules whose
-# signatures differ by machine (os, posixpath, platform, selectors) are left out so every machine with the same
-# Python minor version builds the same tasks.
+# Pure-Python standard-library modules whose public functions and methods make the three stdlib tasks. None is in
+# the pretraining corpora of the embedded models (trials.pretrain.stdlib_files leaves them out) or pydoc_data;
+# modules whose signatures differ by machine (os, posixpath, platform, selectors) are left out so every machine
+# with the same Python minor version builds the same tasks.
 STDLIB_TASK_MODULES = (
     "base64", "bdb", "calendar", "cmd", "code", "codecs", "configparser", "contextlib", "csv", "difflib", "dis",
     "email.message", "email.utils", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib", "getopt", "glob",
@@ -374,6 +374,10 @@ STDLIB_TASK_MODULES = (
 # small.
 STDLIB_SPLIT_CAPS = {"test": 400, "validation": 300, "train": 1500}
 STDLIB_CHOICES = 4
+# stdlib_modules (classification): the eight modules of STDLIB_TASK_MODULES with the most functions on Python 3.11.
+# Three are network protocol clients and two handle mail, so a name or a keyword alone does not decide.
+STDLIB_MODULE_CLASSES = ("mailbox", "imaplib", "tarfile", "bdb", "ftplib", "urllib.request", "email.message",
+                         "calendar")
 
 
 @dataclass(frozen=True)
@@ -504,6 +508,49 @@ def load_stdlib_functions_task(seed: int = 0, tokenizer: Tokenizer | None = None
     splits = stdlib_split(questions, seed)
     return lm_task("stdlib_functions", "multiple_choice", {k: (f"stdlib_functions.{k}", v) for k, v in splits.items()},
                    tokenizer or ByteTokenizer(), max_length)
+
+
+def stdlib_module_examples() -> dict[str, list[str]]:
+    """For each module of STDLIB_MODULE_CLASSES, its functions as ``name(signature): summary``.
+
+    The name is the function's or method's own, without module or class (a class name such as ``IMAP4`` would give
+    the answer away). A text that occurs in two modules has no single answer and is left out.
+    """
+    texts: dict[str, set[str]] = defaultdict(set)
+    for f in stdlib_functions():
+        if f.module in STDLIB_MODULE_CLASSES:
+            texts[f"{f.name.rsplit('.', 1)[-1]}{f.signature}: {f.summary}"].add(f.module)
+    out: dict[str, list[str]] = {m: [] for m in STDLIB_MODULE_CLASSES}
+    for text, modules in sorted(texts.items()):
+        if len(modules) == 1:
+            out[next(iter(modules))].append(text)
+    return out
+
+
+def load_stdlib_modules_task(seed: int = 0, shots_per_class: int = 10, tokenizer: Tokenizer | None = None,
+                             max_length: int = 128) -> TaskData:
+    """classification: which of STDLIB_MODULE_CLASSES a function comes from, by its name, signature and summary.
+
+    Per class, by seed: 30% test, 30% validation (the classes are small: 36 to 58 functions), and
+    ``shots_per_class`` training examples from the remaining 40%. A text longer than ``max_length`` tokens keeps its
+    start.
+    """
+    tok = tokenizer or ByteTokenizer()
+    rng = random.Random(seed)
+    parts: dict[str, tuple[list[list[int]], list[int]]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
+    for label, texts in enumerate(stdlib_module_examples().values()):
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        n = len(order)
+        cut = {"test": order[: 3 * n // 10], "val": order[3 * n // 10 : 6 * n // 10],
+               "train": order[6 * n // 10 :][:shots_per_class]}
+        for split_name, rows in cut.items():
+            seqs, labels = parts[split_name]
+            seqs.extend(tok.encode(texts[i])[:max_length] for i in rows)
+            labels.extend([label] * len(rows))
+    longest = max(len(s) for seqs, _ in parts.values() for s in seqs)
+    splits = {k: make_split(seqs, labels, longest) for k, (seqs, labels) in parts.items()}
+    return TaskData("stdlib_modules", len(STDLIB_MODULE_CLASSES), splits["train"], splits["val"], splits["test"])
 
 
 # --- user data ----------------------------------------------------------------------------------------

@@ -2,30 +2,95 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-EMBEDDED_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny-mamba"
+ASSETS = Path(__file__).resolve().parent / "assets"
+# The pretrained checkpoints shipped with the package, by the name ``model.checkpoint`` takes
+# (``trials.pretrain.RECIPES`` makes them).
+EMBEDDED_CHECKPOINTS = {"embedded-small": ASSETS / "small-mamba", "embedded-tiny": ASSETS / "tiny-mamba"}
+# What ``embedded`` means. The environment variable names another embedded checkpoint instead (the test suite
+# sets embedded-tiny, for speed); it is read on every call, so Ray workers started from that environment agree.
+EMBEDDED_DEFAULT = "embedded-small"
+EMBEDDED_ENV = "MAMBA_PEFT_EMBEDDED"
+
+
+def embedded_name(name: str = "embedded") -> str:
+    """The embedded checkpoint ``name`` stands for (``embedded`` follows MAMBA_PEFT_EMBEDDED when it is set)."""
+    if name == "embedded":
+        name = os.environ.get(EMBEDDED_ENV) or EMBEDDED_DEFAULT
+        where = f"{EMBEDDED_ENV}={name}"
+    else:
+        where = f"model.checkpoint: {name}"
+    if name not in EMBEDDED_CHECKPOINTS:
+        raise FileNotFoundError(f"{where}: no such embedded checkpoint (there are: embedded, "
+                                f"{', '.join(EMBEDDED_CHECKPOINTS)})")
+    return name
 
 
 def resolve_checkpoint(name: str) -> str:
-    """``embedded`` means the tiny pretrained Mamba shipped with the package; anything else is a local
-    directory or a Hugging Face model id, loaded through the same ``from_pretrained`` path."""
-    return str(EMBEDDED_CHECKPOINT) if name == "embedded" else name
+    """``embedded`` (the small pretrained Mamba), ``embedded-small`` or ``embedded-tiny`` name a checkpoint shipped
+    with the package; anything else is a local directory or a Hugging Face model id, loaded through the same
+    ``from_pretrained`` path."""
+    if name == "embedded" or name in EMBEDDED_CHECKPOINTS:
+        return str(EMBEDDED_CHECKPOINTS[embedded_name(name)])
+    return name
+
+
+# The architectures a trial can fine-tune, by the config's ``model_type``: the transformers class each loads as.
+SUPPORTED_ARCHITECTURES = {"mamba": "MambaForCausalLM"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint the project cannot fine-tune as it is: another architecture, or weights that do not fit."""
+
+
+def check_architecture(config: Any, checkpoint: str) -> None:
+    """Refuse a config whose ``model_type`` is not supported, naming what it is and what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        found = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        supported = ", ".join(f"{cls} (model_type {t!r})" for t, cls in SUPPORTED_ARCHITECTURES.items())
+        raise CheckpointError(f"model.checkpoint: {checkpoint!r} is a {model_type!r} model ({found}); supported: "
+                              f"{supported}")
+
+
+def _weight_name(key: Any) -> str:
+    """A key of transformers' loading info: a name, or (name, checkpoint shape, model shape) for a mismatch."""
+    if isinstance(key, tuple) and len(key) == 3:
+        return f"{key[0]} (checkpoint {list(key[1])}, model {list(key[2])})"
+    return str(key)
 
 
 def load_base_model(checkpoint: str, scan: str = "auto") -> Any:
-    """Load a Mamba-1 causal LM checkpoint with ``from_pretrained`` and set its selective scan."""
-    from transformers import MambaForCausalLM
+    """Load a Mamba-1 causal LM checkpoint with ``from_pretrained`` and set its selective scan.
+
+    Nothing is initialised silently: another architecture, or any weight the checkpoint lacks, has in excess or
+    holds in another shape, is a ``CheckpointError`` that names them (transformers would only log it).
+    """
+    from transformers import AutoConfig, MambaForCausalLM
 
     path = resolve_checkpoint(checkpoint)
     try:
-        model = MambaForCausalLM.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        check_architecture(config, checkpoint)
+        # Mismatched shapes are reported in `info` (and refused below) rather than raised without their names.
+        loaded: Any = MambaForCausalLM.from_pretrained(path, config=config, output_loading_info=True,
+                                                       ignore_mismatched_sizes=True)
+        model, info = loaded
     except OSError as exc:
         raise FileNotFoundError(f"model.checkpoint: cannot load {checkpoint!r} ({path}): {exc}") from exc
+    problems = {kind: sorted(_weight_name(k) for k in info.get(f"{kind}_keys") or ())
+                for kind in ("missing", "unexpected", "mismatched")}
+    if any(problems.values()):
+        said = "; ".join(f"{len(keys)} {kind} weight(s): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                         for kind, keys in problems.items() if keys)
+        raise CheckpointError(f"model.checkpoint: {checkpoint!r} ({path}) does not fit {type(model).__name__}: "
+                              f"{said}. Nothing was initialised in their place.")
     return use_scan(model, scan)
 
 
@@ -95,8 +160,9 @@ class SequenceClassifier(_OnBackbone):
         states = self.hidden(ids, lengths)  # [B, L, D]
         if self.pooling == "last":
             idx = (lengths - 1).clamp(min=0)
-            return states[torch.arange(states.shape[0]), idx]  # [B, D]
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).to(states.dtype)  # [B, L]
+            return states[torch.arange(states.shape[0], device=states.device), idx]  # [B, D]
+        positions = torch.arange(ids.shape[1], device=lengths.device)
+        mask = (positions[None, :] < lengths[:, None]).to(states.dtype)  # [B, L]
         return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # [B, D]
 
 

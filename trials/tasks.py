@@ -17,6 +17,7 @@ from trials.data import (
     load_pydoc_task,
     load_stdlib_docstrings_task,
     load_stdlib_functions_task,
+    load_stdlib_modules_task,
     load_table_lm_task,
     load_table_task,
 )
@@ -46,6 +47,8 @@ def load_task(task: TaskSpec, model: ModelSpec) -> TaskData:
     tok = make_tokenizer(model)
     if task.name == "pydoc_topics":
         return load_pydoc_task(task.split_seed, task.shots_per_class, tokenizer=tok)
+    if task.name == "stdlib_modules":
+        return load_stdlib_modules_task(task.split_seed, task.shots_per_class, tok, task.max_length)
     if task.name == "stdlib_docstrings":
         return load_stdlib_docstrings_task(task.split_seed, tok, task.max_length)
     if task.name == "stdlib_functions":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import optuna
@@ -17,7 +16,6 @@ from search.export import main as export_main
 from search.pruners import RUNG_ATTR
 from search.run import main as search_main
 from space.metrics import TRIAL_STATES
-from tests.conftest import IN_CI
 from trials.train import load_trained
 from trials.train import main as train_main
 
@@ -227,47 +225,17 @@ def test_train_with_a_bad_config_exits_2(tmp_path, capsys):
     assert "best.yaml: methods.lora_in_proj" in capsys.readouterr().err
 
 
-def _postgres_databases(count: int):
-    """Fresh databases on the local PostgreSQL, or None where there is none (never None in CI)."""
-    try:
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-    except Exception as exc:
-        if IN_CI:
-            raise AssertionError(f"PostgreSQL is required in CI: {exc}") from exc
-        return None
-    conn.autocommit = True
-    names = [f"mps_test_{uuid.uuid4().hex[:10]}" for _ in range(count)]
-    with conn.cursor() as cur:
-        for name in names:
-            cur.execute(f"CREATE DATABASE {name}")
-    return conn, names
-
-
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.timeout(600)  # Ray's start and 3 trials, two at a time
-def test_search_with_optuna_and_mlflow_on_postgresql(tmp_path):
-    # Two databases, as in docker-compose.yml: Optuna and MLflow both keep an alembic_version table.
-    dbs = _postgres_databases(2)
-    if dbs is None:
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (this test is required in CI)")
-    conn, (optuna_db, mlflow_db) = dbs
-    optuna_url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{optuna_db}"
-    mlflow_url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{mlflow_db}"
-    try:
-        extra = f"  optuna_storage: {optuna_url}\n  study_name: pg-study\ntracking: {{uri: '{mlflow_url}'}}\n"
-        # `extra` continues the `search:` block, then opens `tracking:`
-        run_search(tmp_path, trials=3, extra=extra)
-        check_search_and_export(tmp_path, mlflow_url, 3)
-        study = optuna.load_study(study_name="pg-study", storage=optuna_url)
-        assert len(study.trials) == 3
-    finally:
-        with conn.cursor() as cur:
-            for name in (optuna_db, mlflow_db):
-                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
+def test_search_with_optuna_and_mlflow_on_postgresql(tmp_path, postgres_stores):
+    optuna_url, mlflow_url = postgres_stores
+    extra = f"  optuna_storage: {optuna_url}\n  study_name: pg-study\ntracking: {{uri: '{mlflow_url}'}}\n"
+    # `extra` continues the `search:` block, then opens `tracking:`
+    run_search(tmp_path, trials=3, extra=extra)
+    check_search_and_export(tmp_path, mlflow_url, 3)
+    study = optuna.load_study(study_name="pg-study", storage=optuna_url)
+    assert len(study.trials) == 3
 
 
 @pytest.mark.slow

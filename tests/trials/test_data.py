@@ -1,22 +1,28 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from space.config import ModelSpec, TaskSpec
 from trials import pretrain
 from trials.data import (
     PIXEL_OFFSET,
     PYDOC_TOPICS,
+    STDLIB_MODULE_CLASSES,
+    STDLIB_TASK_MODULES,
     ByteTokenizer,
     DataError,
     digits_split_indices,
     load_digits_task,
     load_hf_task,
     load_pydoc_task,
+    load_stdlib_modules_task,
     load_table_task,
+    stdlib_module_examples,
 )
 from trials.tasks import load_task
 
@@ -47,13 +53,56 @@ def test_pretraining_never_sees_validation_or_test_digits():
     assert len(pretrain.image_corpus(0)) == len(idx["train"]) + len(idx["rest"])
 
 
-def test_pretraining_text_excludes_the_downstream_text_task():
+@pytest.mark.parametrize("corpus", pretrain.CORPORA)
+def test_pretraining_text_excludes_the_downstream_text_task(corpus):
     from pydoc_data.topics import topics
 
-    corpus = bytes(i - 3 for i in pretrain.text_corpus()).decode("utf-8")
-    sample = " ".join(topics["formatstrings"].split())[200:296]
-    assert sample not in " ".join(corpus.split())
-    assert not any("pydoc" in f for f in pretrain.STDLIB_FILES)
+    text = " ".join(bytes(i - 3 for i in pretrain.text_corpus(corpus)).decode("utf-8", "replace").split())
+    for name in PYDOC_TOPICS:
+        assert " ".join(topics[name].split())[200:296] not in text, name
+    assert not any("pydoc_data" in f for f in pretrain.stdlib_files(corpus))
+
+
+def test_the_stdlib_corpus_leaves_out_every_module_the_stdlib_tasks_are_made_from():
+    import importlib
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = set(pretrain.stdlib_files("stdlib"))
+    assert len(files) > 300 and set(pretrain.stdlib_files("tiny")) <= files  # the task filter covers both corpora
+    assert {"typing.py", "json/decoder.py", "asyncio/events.py"} <= files
+    for module in STDLIB_TASK_MODULES:
+        source = Path(importlib.import_module(module).__file__ or "").resolve().relative_to(root.resolve())
+        assert source.as_posix() not in files, module
+        assert not any(f.split("/")[0].removesuffix(".py") == module.split(".")[0] for f in files), module
+    assert not any(part in pretrain.EXCLUDED_DIRS for f in files for part in f.split("/"))
+
+
+def test_stdlib_modules_task_has_fixed_disjoint_splits_of_text_never_pretrained_on():
+    task = load_stdlib_modules_task(seed=0, shots_per_class=10)
+    assert task.num_classes == len(STDLIB_MODULE_CLASSES) == 8
+    for split in (task.train, task.val, task.test):
+        assert set(split.labels.tolist()) == set(range(8))
+    assert np.bincount(task.train.labels.numpy()).tolist() == [10] * 8
+    assert len(task.val) >= 100 and len(task.test) >= 100
+
+    def texts(split):
+        rows = zip(split.ids, split.lengths, strict=True)
+        return {bytes(int(t) - 3 for t in row[:n]).decode("utf-8") for row, n in rows}
+
+    train, val, test = texts(task.train), texts(task.val), texts(task.test)
+    assert not (train & val or train & test or val & test)
+    assert all(": " in t and not t.startswith(m) for t in val for m in STDLIB_MODULE_CLASSES)
+    again = load_stdlib_modules_task(seed=0, shots_per_class=10)
+    assert torch.equal(again.val.ids, task.val.ids) and torch.equal(again.val.labels, task.val.labels)
+    other = load_stdlib_modules_task(seed=1, shots_per_class=10)
+    assert texts(other.val) != val
+    examples = stdlib_module_examples()
+    assert all(len(v) >= 30 for v in examples.values())
+    corpus = bytes(i - 3 for i in pretrain.text_corpus("stdlib")).decode("utf-8", "replace")
+    summaries = [t.split("): ", 1)[1] for v in examples.values() for t in v]
+    assert len(summaries) > 300 and not [s for s in summaries if s in corpus]
+    assert load_task(TaskSpec(name="stdlib_modules"), ModelSpec()).name == "stdlib_modules"
 
 
 def test_pydoc_task_has_every_topic_in_every_split():

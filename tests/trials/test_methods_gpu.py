@@ -40,3 +40,17 @@ def test_every_trainable_tensor_gets_a_gradient_on_cuda_and_outputs_match_cpu(co
     for name, p in gpu.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient on CUDA"
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_the_classifier_pools_on_the_device_its_inputs_are_on(pooling):
+    from trials.model import SequenceClassifier
+
+    torch.manual_seed(0)
+    clf = SequenceClassifier(model("torch"), num_classes=3, pooling=pooling).eval()
+    ids = torch.randint(3, 40, (4, 9), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([9, 5, 1, 7])
+    with torch.no_grad():
+        want = clf(ids, lengths)
+        got = clf.cuda()(ids.cuda(), lengths.cuda()).cpu()
+    assert (got - want).abs().max() < 1e-4 * want.abs().max() + 1e-6

@@ -1,17 +1,41 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from space.config import TrialConfig
 from tests.conftest import small_trial_yaml
-from trials.model import EMBEDDED_CHECKPOINT
+from trials.model import EMBEDDED_CHECKPOINTS, EMBEDDED_ENV, load_base_model, resolve_checkpoint
+from trials.pretrain import RECIPES
 from trials.run import FINISHED, run_trial
 
 
-def test_embedded_checkpoint_is_a_huggingface_directory_with_a_card():
-    for name in ("config.json", "model.safetensors", "README.md"):
-        assert (EMBEDDED_CHECKPOINT / name).exists(), name
-    assert "How it was made" in (EMBEDDED_CHECKPOINT / "README.md").read_text()
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_embedded_checkpoint_is_its_recipes_huggingface_directory_with_a_card(recipe):
+    r = RECIPES[recipe]
+    path = EMBEDDED_CHECKPOINTS[r["checkpoint"]]
+    assert path.name == r["name"]
+    for name in ("config.json", "model.safetensors", "README.md", "pretrain.json"):
+        assert (path / name).exists(), name
+    card = (path / "README.md").read_text()
+    assert "How it was made" in card and f"--recipe {recipe}" in card
+    lm = load_base_model(r["checkpoint"])
+    assert (lm.config.hidden_size, lm.config.num_hidden_layers) == (r["hidden"], r["layers"])
+    info = json.loads((path / "pretrain.json").read_text())
+    assert info["parameters"] == sum(p.numel() for p in lm.parameters()) and info["steps"] == r["steps"]
+
+
+def test_embedded_means_the_small_checkpoint_unless_the_environment_names_another(monkeypatch):
+    monkeypatch.delenv(EMBEDDED_ENV, raising=False)
+    assert resolve_checkpoint("embedded") == str(EMBEDDED_CHECKPOINTS["embedded-small"])
+    assert resolve_checkpoint("embedded-tiny") == str(EMBEDDED_CHECKPOINTS["embedded-tiny"])
+    assert resolve_checkpoint("./my-mamba") == "./my-mamba"
+    monkeypatch.setenv(EMBEDDED_ENV, "embedded-tiny")
+    assert resolve_checkpoint("embedded") == str(EMBEDDED_CHECKPOINTS["embedded-tiny"])
+    monkeypatch.setenv(EMBEDDED_ENV, "embedded-huge")
+    with pytest.raises(FileNotFoundError, match="MAMBA_PEFT_EMBEDDED=embedded-huge: no such embedded checkpoint"):
+        resolve_checkpoint("embedded")
 
 
 def test_trial_reports_validation_rounds_then_a_final_report_with_every_metric(small_trial):
