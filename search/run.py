@@ -309,6 +309,9 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # Ray's experiment state every 2 s rather than every 10 or more: a killed driver's last trials are in it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's newer console output prints its own banner (the experiment's configuration box, where results are)
+    # even at verbose=0; the older reporter honours verbose=0, and the search prints its own lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import optuna
     import ray
     from ray import tune

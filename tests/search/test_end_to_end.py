@@ -259,6 +259,7 @@ search: {{num_trials: 4, concurrency: 1, max_failures: 1, reevaluate: {{top: 0}}
     assert all("(traceback: error.txt of MLflow run " in line for line in failed)
     assert "search.max_failures 1: 2 trials failed, so no more are started" in out
     assert "Traceback" not in out  # Ray's own tracebacks stay in its logs
+    assert "Configuration for experiment" not in out and "View detailed results" not in out  # nor its banners
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     c = results.client(uri)
     df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
