@@ -321,7 +321,7 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     from search import resume as resuming
     from search.hypervolume import size_reference
     from search.searcher import PeftSearcher, RungScheduler
-    from search.tracking import MlflowTrialCallback, SearchRun
+    from search.tracking import MlflowTrialCallback, SearchRun, settled
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results_dir = Path(space.search.results_dir).resolve()
@@ -401,8 +401,8 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     callback = MlflowTrialCallback(parent, space, echo=echo)
     stopped: list[str] = []
     try:
-        searcher = PeftSearcher(space, optuna.storages.RDBStorage(storage_url), study_name, Sizes(actor), limit,
-                                base_params, callback, echo=echo)
+        storage = settled(lambda: optuna.storages.RDBStorage(storage_url))  # two searches may create its schema
+        searcher = PeftSearcher(space, storage, study_name, Sizes(actor), limit, base_params, callback, echo=echo)
         callback.searcher = searcher
         stages = f"two stages ({s.stage1} + {s.num_trials - s.stage1} trials)" if s.strategy == "two_stage" else (
             f"{s.num_trials} trials")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray.tune import Callback
 
@@ -30,6 +31,26 @@ SECONDS_TAG = "mps.seconds"  # seconds the search has run over all its sessions,
 
 def effective_space(space: SearchSpace) -> str:
     return mask(json.dumps(space.model_dump(mode="json"), sort_keys=True, indent=1))
+
+
+# What a database says when another process created the same schema, table or row a moment before.
+_CREATED_MEANWHILE = ("already exists", "duplicate key", "uniqueviolation", "duplicatetable")
+T = TypeVar("T")
+
+
+def settled(create: Callable[[], T], attempts: int = 5, wait: float = 1.0) -> T:
+    """``create()``, tried again while another process creates the same store schema or experiment at the same
+    moment (two searches started at once on a new PostgreSQL database both run its migrations; one of them loses
+    with "already exists"). Any other error, or the same one ``attempts`` times, is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return create()
+        except Exception as exc:
+            said = f"{type(exc).__name__} {exc} {exc.__cause__ or ''}".lower()
+            if attempt == attempts or not any(s in said for s in _CREATED_MEANWHILE):
+                raise
+            time.sleep(wait * attempt)
+    raise AssertionError("unreachable")
 
 
 class SearchRun:
@@ -54,16 +75,18 @@ class SearchRun:
             self.client.set_tag(resume_id, "mps.status", "running")
             return
         self.seconds_before = 0.0
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None and tracking_uri.startswith(("http://", "https://")):
-            # A tracking server stores (or proxies) artifacts itself, where every client can read them.
-            self.experiment_id = self.client.create_experiment(experiment)
-        elif exp is None:
+
+        def experiment_id() -> str:
+            exp = self.client.get_experiment_by_name(experiment)  # the first call creates a new store's schema
+            if exp is not None:
+                return str(exp.experiment_id)
+            if tracking_uri.startswith(("http://", "https://")):
+                # A tracking server stores (or proxies) artifacts itself, where every client can read them.
+                return str(self.client.create_experiment(experiment))
             artifact_root.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(experiment,
-                                                               artifact_location=artifact_root.resolve().as_uri())
-        else:
-            self.experiment_id = exp.experiment_id
+            return str(self.client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri()))
+
+        self.experiment_id = settled(experiment_id)
         objectives = [o.metric for o in space.objectives]
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
             "mps.kind": "search", "mps.status": "running", "mps.objectives": json.dumps(objectives)})

@@ -437,3 +437,30 @@ def test_a_fraction_of_max_failures_counts_against_num_trials():
         if i < 2:
             assert s.stop_reason is None
     assert s.suggest("t3") == Searcher.FINISHED
+
+
+def test_store_creation_is_tried_again_only_while_another_process_creates_the_same_thing():
+    from search.tracking import settled
+
+    calls = []
+
+    def racing():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError('(psycopg2.errors.DuplicateTable) relation "alembic_version" already exists')
+        return "store"
+
+    assert settled(racing, wait=0.0) == "store" and len(calls) == 3
+
+    def fails(exc):
+        calls.append(1)
+        raise exc
+
+    calls.clear()
+    with pytest.raises(ValueError, match="bad url"):
+        settled(lambda: fails(ValueError("bad url")), wait=0.0)  # another error: raised at once
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(RuntimeError, match="already exists"):
+        settled(lambda: fails(RuntimeError("already exists")), attempts=2, wait=0.0)
+    assert len(calls) == 2
