@@ -65,7 +65,8 @@ class SearchRun:
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        # Opening a new store runs its migrations, which another search may be running at the same moment.
+        self.client = settled(lambda: MlflowClient(tracking_uri=tracking_uri))
         self.started = time.time()  # this session's start: the seconds tag adds the time it has run
         if resume_id is not None:
             run = self.client.get_run(resume_id)
