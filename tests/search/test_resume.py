@@ -409,7 +409,13 @@ def test_a_reopened_search_run_is_the_same_run_and_counts_the_time_it_already_ra
 
 
 def test_sigterm_stops_a_search_as_ctrl_c_does():
-    with pytest.raises(KeyboardInterrupt), sigterm_as_sigint():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
+    # Python's own Ctrl-C handler, as in a driver before Ray Tune installs its own (an in-process search earlier in
+    # the suite may have left Tune's, which stops a running experiment instead of raising).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_as_sigint():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
