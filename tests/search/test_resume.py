@@ -412,10 +412,11 @@ def test_sigterm_stops_a_search_as_ctrl_c_does():
     # Python's own Ctrl-C handler, as in a driver before Ray Tune installs its own (an in-process search earlier in
     # the suite may have left Tune's, which stops a running experiment instead of raising).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or the handler an earlier in-process ray.init left
     try:
         with pytest.raises(KeyboardInterrupt), sigterm_as_sigint():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before  # put back as it was
