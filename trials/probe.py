@@ -16,26 +16,18 @@ import torch
 from space.config import ModelSpec, TaskSpec, TrialConfig
 from trials.data import TaskData
 from trials.methods import ModelDims
-from trials.model import check_architecture, load_base_model, resolve_checkpoint
+from trials.model import load_base_model
 from trials.run import build_trial, expected_trainable, head_params, make_optimizer, quiet_transformers, trial_device
 from trials.tasks import load_task
 
 
 class Probe:
     def __init__(self, model: ModelSpec, task: TaskSpec) -> None:
-        from transformers import AutoConfig
-
         quiet_transformers()
-        path = resolve_checkpoint(model.checkpoint)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except OSError as exc:
-            raise FileNotFoundError(f"model.checkpoint: cannot read the config of {model.checkpoint!r} ({path}): "
-                                    f"{exc}") from exc
-        check_architecture(config, model.checkpoint)
-        self.dims = ModelDims.from_config(config)
-        # Opened once with its weights, before any trial: a missing or unexpected weight stops the search here.
+        # Opened once with its weights, before any trial: another architecture, or a missing or unexpected weight,
+        # stops the search here (load_base_model names them).
         lm = load_base_model(model.checkpoint, model.scan)
+        self.dims = ModelDims.from_config(lm.config)
         self.base_params = sum(p.numel() for p in lm.parameters())  # a tied head is one tensor, counted once
         del lm
         self.data: TaskData = load_task(task, model)
