@@ -222,9 +222,12 @@ _LORA = (LoraSpace, LoraConfig)
 _DELTA = (DeltaSpace, DeltaConfig)
 
 METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {
-    "lora_in_proj": _LORA,  # all 2E rows of in_proj
-    "lora_in_proj_x": _LORA,  # the x half (rows 0..E-1): MambaPEFT's LoRA_p(X)
-    "lora_in_proj_z": _LORA,  # the z (gate) half: LoRA_p(Z)
+    "lora_in_proj": _LORA,  # all rows of in_proj (Mamba-1: x | z; Mamba-2: z | x | B | C | dt)
+    "lora_in_proj_x": _LORA,  # the x block: MambaPEFT's LoRA_p(X)
+    "lora_in_proj_z": _LORA,  # the z (gate) block: LoRA_p(Z)
+    "lora_in_proj_b": _LORA,  # Mamba-2: the B block of in_proj (Mamba-1's B comes from x_proj)
+    "lora_in_proj_c": _LORA,  # Mamba-2: the C block
+    "lora_in_proj_dt": _LORA,  # Mamba-2: the dt block (one row per head)
     "lora_x_proj": _LORA,  # all R + 2N rows of x_proj
     "lora_x_proj_dt": _LORA,  # the dt rows of x_proj: LoRA_p(d)
     "lora_x_proj_b": _LORA,  # the B rows: LoRA_p(B)
@@ -233,14 +236,23 @@ METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {
     "lora_out_proj": _LORA,
     "lora_conv1d": _LORA,  # the depthwise kernel read as an [E, K] matrix (rank <= K)
     "lora_embeddings": _LORA,  # model-level; a tied lm_head follows
-    "lora_halloran": _LORA,  # preset: LoRA on in_proj, out_proj, x_proj and the embeddings with one config
+    "lora_halloran": _LORA,  # preset: LoRA on in_proj, out_proj, x_proj (Mamba-1) and the embeddings, one config
+    # Hybrids only: the attention and MLP projections of every layer that has them.
+    "lora_attn_q": _LORA,
+    "lora_attn_k": _LORA,
+    "lora_attn_v": _LORA,
+    "lora_attn_o": _LORA,
+    "lora_mlp_gate": _LORA,
+    "lora_mlp_up": _LORA,
+    "lora_mlp_down": _LORA,
     "prodial_in_proj": (ProdialSpace, ProdialConfig),
     "prodial_out_proj": (ProdialSpace, ProdialConfig),
     "a_log_delta": _DELTA,  # A-tuning
     "d_delta": _DELTA,  # D-tuning
     "conv1d_delta": _DELTA,  # conv1d-tuning (the weight)
-    "dt_bias_delta": (BiasDeltaSpace, BiasDeltaConfig),  # bias-tuning (dt_proj.bias)
-    "norm_delta": _DELTA,  # every RMSNorm weight (per layer and norm_f)
+    "dt_bias_delta": (BiasDeltaSpace, BiasDeltaConfig),  # bias-tuning (Mamba-1 dt_proj.bias, Mamba-2 dt_bias)
+    "norm_delta": _DELTA,  # every RMSNorm weight outside the mixers (per layer and the final one)
+    "gated_norm_delta": _DELTA,  # Mamba-2: the mixer's gated RMSNorm weight
     "bitfit": (BiasDeltaSpace, BiasDeltaConfig),  # conv1d and dt_proj biases (BitFit, as in ssm-peft)
     "prompt_tuning": (PromptSpace, PromptConfig),  # not mergeable
     "affix_tuning": (AffixSpace, AffixConfig),  # not mergeable; needs the project's mixer

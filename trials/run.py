@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from space.config import TaskSpec, TrialConfig
-from space.methods import SdtConfig
 from trials.data import Split, TaskData
-from trials.methods import AppliedMethods, ModelDims, apply_methods, count_params
-from trials.methods.sdt import warmup_selection
+from trials.methods import REGISTRY, AppliedMethods, ModelDims, Prepared, apply_methods, count_params
 from trials.model import LanguageModel, SequenceClassifier, load_base_model, task_model
 from trials.report import FINISHED, Report
 from trials.tasks import load_task
@@ -93,6 +91,24 @@ def expected_trainable(cfg: TrialConfig, dims: ModelDims, num_classes: int) -> i
     return sum(count_params(cfg.methods, dims).values()) + head_params(dims, num_classes)
 
 
+def prepare_methods(cfg: TrialConfig, data: TaskData) -> TrialConfig:
+    """``cfg`` with every method that needs a pass over the data first (``Prepared``: SDT's warm-up) resolved.
+    A warm-up is a trial of its own on the same data and device; the global RNG state is restored after it, so
+    the trial that follows is the same as one given the resolved config outright."""
+
+    def warm_up(warm: TrialConfig, steps: int) -> AppliedMethods:
+        with torch.random.fork_rng():
+            built = build_trial(warm, data, trial_device())
+            run_trial(warm, steps=steps, built=built)
+        return built.applied
+
+    methods = dict(cfg.methods)
+    for name, method in REGISTRY.items():
+        if name in methods and isinstance(method, Prepared):
+            methods[name] = method.prepare(cfg.model_copy(update={"methods": methods}), warm_up)
+    return cfg.model_copy(update={"methods": methods})
+
+
 def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | torch.device = "cpu") -> BuiltTrial:
     quiet_transformers()
     torch.manual_seed(cfg.seed)
@@ -101,9 +117,7 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
         from trials.baselines import build_baseline  # trials.baselines imports this module
 
         return build_baseline(cfg, data, cfg.baseline, device)
-    sdt = cfg.methods.get("sdt")
-    if isinstance(sdt, SdtConfig) and sdt.selection is None:  # SDT picks its dimensions in a warm-up run first
-        cfg = cfg.model_copy(update={"methods": {**cfg.methods, "sdt": warmup_selection(cfg, data)}})
+    cfg = prepare_methods(cfg, data)
     lm = load_base_model(cfg.model.checkpoint, cfg.model.scan)
     if data.max_token_id() >= lm.config.vocab_size:
         raise ValueError(f"task {data.name!r} uses token id {data.max_token_id()} but model.checkpoint "
@@ -111,7 +125,7 @@ def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | to
     if data.type != cfg.task.task_type:
         raise ValueError(f"task {data.name!r} holds {data.type} data, but the trial is a {cfg.task.task_type} task")
     model = task_model(lm, data.type, data.num_classes, cfg.model.pooling)
-    dims = ModelDims.from_config(lm.config)  # the base model's sizes (additional-scan enlarges the state)
+    dims = ModelDims.from_model(lm)  # the base model's sizes (additional-scan enlarges the state)
     applied = apply_methods(lm, cfg.methods)  # freezes lm, then adds the methods' tensors
     model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

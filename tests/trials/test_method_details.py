@@ -18,8 +18,9 @@ from space.methods import (
     ZeroDecayConfig,
 )
 from tests.trials.test_methods import on_transformers_path
-from trials.methods import REGISTRY, MethodError, ModelDims, apply_methods, merge_methods
+from trials.methods import REGISTRY, MethodError, apply_methods, merge_methods
 from trials.model import use_scan
+from trials.models.mamba1 import dims as mamba1_dims
 from trials.scan import _reference_scan
 
 
@@ -29,20 +30,20 @@ def forward(lm, ids, **kw):
 
 def test_closed_forms_reproduce_the_reference_counts_of_the_new_methods():
     # peft-methods.md, Vim-S (D=384, E=768, 24 layers, two scan directions): Additional-scan n=6 gives 664K.
-    vim = ModelDims(D=384, E=768, N=16, R=24, K=4, L=24, V=1)
+    vim = mamba1_dims(D=384, E=768, N=16, R=24, K=4, L=24, V=1)
     assert 2 * REGISTRY["additional_scan"].count(AdditionalScanConfig(states=6), vim) == 663_552
     # Affix w/o projection, 3 dual tokens: MambaPEFT counts 2E per token (221K); the z half of a dropped position
     # can never get a gradient, so only the x half is learned here: exactly half.
     assert 2 * REGISTRY["affix_tuning"].count(AffixConfig(tokens=3), vim) == 221_184 // 2
     # ProDiaL: D^2/r_b1 + 2E + r(D+2E) on in_proj and E^2/r_b2 + D + r(E+D) on out_proj, mamba-130m, 64 blocks
     # each (block sizes 12 and 24), r = 8.
-    m130 = ModelDims(D=768, E=1536, N=16, R=48, K=4, L=1, V=50280)
+    m130 = mamba1_dims(D=768, E=1536, N=16, R=48, K=4, L=1, V=50280)
     assert REGISTRY["prodial_in_proj"].count(ProdialConfig(block_size=12, rank=8), m130) == (
         768**2 // 64 + 2 * 1536 + 8 * (768 + 2 * 1536))
     assert REGISTRY["prodial_out_proj"].count(ProdialConfig(block_size=24, rank=8), m130) == (
         1536**2 // 64 + 768 + 8 * (1536 + 768))
     # Halloran-style ("SLL") LoRA r64 on Mamba-1.4B: about 66.8M.
-    m14b = ModelDims(D=2048, E=4096, N=16, R=128, K=4, L=48, V=50280)
+    m14b = mamba1_dims(D=2048, E=4096, N=16, R=128, K=4, L=48, V=50280)
     assert REGISTRY["lora_halloran"].count(LoraConfig(rank=64), m14b) == 66_755_072
     # Initial state E N, with the conv state + E (K-1); state offset E N; prompt n D; norms (L + 1) D; BitFit 2E.
     assert REGISTRY["initial_state"].count(InitialStateConfig(conv_state=True), m130) == 1536 * 16 + 1536 * 3
@@ -122,8 +123,8 @@ def test_lora_dropout_equals_the_adapter_on_the_dropped_input():
 
 
 @pytest.mark.parametrize(("name", "cfg", "message"), [
-    ("lora_dt_proj", LoraConfig(rank=2, dropout=0.1), "supported on in_proj, x_proj, out_proj only"),
-    ("lora_embeddings", LoraConfig(rank=2, dropout=0.1), "supported on in_proj, x_proj, out_proj only"),
+    ("lora_dt_proj", LoraConfig(rank=2, dropout=0.1), "dt_proj is not called as a module on every path"),
+    ("lora_embeddings", LoraConfig(rank=2, dropout=0.1), "embeddings is not called as a module on every path"),
     ("lora_in_proj", LoraConfig(rank=2, dropout=0.1, dora=True), "dropout with dora is not supported"),
 ])
 def test_unsupported_lora_dropout_is_refused_naming_the_method(tiny_lm, name, cfg, message):

@@ -22,6 +22,7 @@ from trials.methods import (
     save_adapters,
 )
 from trials.methods.sdt import select_dimensions
+from trials.models.mamba1 import dims as mamba1_dims
 
 # tiny_lm: E=64, N=4, R=2, 2 layers. freeze 0.9 / 0.5 keep c = 64 - round(57.6) = 6 channels, s = 4 - 2 = 2 states.
 TINY = SdtConfig(freeze_channel=0.9, freeze_state=0.5)
@@ -62,16 +63,16 @@ def test_fractions_that_keep_nothing_are_refused():
     with pytest.raises(MethodError, match=r"keep 0 of E=8 channels"):
         select_dimensions([torch.ones(8, 4)], SdtConfig(freeze_channel=0.99))
     with pytest.raises(MethodError, match=r"and 0 of N=4 states"):
-        REGISTRY["sdt"].count(SdtConfig(freeze_state=1.0), ModelDims(32, 64, 4, 2, 4, 2, 40))
+        REGISTRY["sdt"].count(SdtConfig(freeze_state=1.0), mamba1_dims(32, 64, 4, 2, 4, 2, 40))
 
 
 def test_closed_form_reproduces_the_reference_counts():
     # peft-methods.md #17, mamba-130m: 15 * 4 + 2 * 16 * 15 = 540 per layer; with LoRA r8 on out_proj 18,972.
-    layer = ModelDims(D=768, E=1536, N=16, R=48, K=4, L=1, V=50280)
+    layer = mamba1_dims(D=768, E=1536, N=16, R=48, K=4, L=1, V=50280)
     assert REGISTRY["sdt"].count(SdtConfig(), layer) == 540
     sdlora = {"sdt": SdtConfig(), "lora_out_proj": LoraConfig(rank=8)}
     assert sum(count_params(sdlora, layer).values()) == 18_972
-    assert REGISTRY["sdt"].count(SdtConfig(), ModelDims(768, 1536, 16, 48, 4, 24, 50280)) == 24 * 540
+    assert REGISTRY["sdt"].count(SdtConfig(), mamba1_dims(768, 1536, 16, 48, 4, 24, 50280)) == 24 * 540
 
 
 @pytest.mark.parametrize("others", [{}, {"a_log_delta": DeltaConfig(), "lora_x_proj": LoraConfig(rank=2)}],
@@ -197,7 +198,7 @@ def test_a_trial_runs_the_warm_up_and_carries_its_selection(monkeypatch):
 
     warmups = []
     real = sdt_module.warmup_selection
-    monkeypatch.setattr("trials.run.warmup_selection", lambda *a: warmups.append(1) or real(*a))
+    monkeypatch.setattr("trials.methods.sdt.warmup_selection", lambda *a: warmups.append(1) or real(*a))
     cfg = TrialConfig.from_yaml(small_trial_yaml(
         methods="sdt: {warmup_steps: 3, freeze_channel: 0.9}\n  lora_out_proj: {rank: 2}", steps=3))
     built = build_trial(cfg)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from space.methods import AdapterConfig
-from trials.methods.base import ModelDims, mixers
+from trials.methods.base import MethodError, mixers
+from trials.models.interface import Architecture, ModelDims
 
 
 class ParallelAdapterModule(nn.Module):
@@ -36,22 +37,35 @@ class ParallelAdapter:
     name = "parallel_adapter"
     mergeable = False
 
+    def refusal(self, arch: Architecture) -> str | None:
+        if arch.kind == "mamba1":
+            return None
+        return ("transformers' Mamba-2 forward hands out_proj's weight to its fused CUDA kernel, which would skip a "
+                "branch beside out_proj; it needs the project's Mamba-2 mixer honouring parallel_adapter")
+
     def count(self, cfg: AdapterConfig, dims: ModelDims) -> int:
-        return dims.L * cfg.rank * (dims.E + dims.D)
+        out_proj = dims.mixer.projection("out_proj")
+        return dims.L * cfg.rank * (out_proj.in_features + out_proj.out_features)
 
     def apply(self, lm: Any, cfg: AdapterConfig) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
         for mixer in mixers(lm):
-            out_f, in_f = mixer.out_proj.weight.shape
+            if not mixer.honours("parallel_adapter"):
+                raise MethodError(f"{self.name}: {mixer.path} runs {mixer.runtime}, which does not honour a "
+                                  "parallel adapter")
+            out_proj = mixer.projection("out_proj")
+            out_f, in_f = out_proj.weight.shape
             adapter = ParallelAdapterModule(in_f, out_f, cfg.rank, cfg.scale, cfg.dropout)
-            adapter.to(mixer.out_proj.weight.device)
-            mixer.parallel_adapter = adapter
+            adapter.to(out_proj.weight.device)
+            # The mixer's attribute tells the project's forward to leave the fused kernel (which applies out_proj
+            # inside); the forward hook of out_proj adds the branch.
+            mixer.set_hook("parallel_adapter", adapter)
 
             def add_adapter(module: nn.Module, inputs: tuple, output: torch.Tensor,
                             adapter: ParallelAdapterModule = adapter) -> torch.Tensor:
                 return output + adapter(inputs[0]).to(output.dtype)
 
-            mixer.out_proj.register_forward_hook(add_adapter)
+            out_proj.register_forward_hook(add_adapter)
             params += list(adapter.parameters())
         return params
 

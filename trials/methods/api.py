@@ -1,4 +1,6 @@
-"""Apply a combination of methods to a Hugging Face Mamba model, count, merge, save and load it.
+"""Apply a combination of methods to a supported Hugging Face model (Mamba-1, Mamba-2, hybrids), count, merge,
+save and load it. A method the architecture does not support is refused by name, with the reason, before anything
+is changed (``trials.methods.registry.supported``).
 
     lm = MambaForCausalLM.from_pretrained(path)
     applied = apply_methods(lm, {"lora_in_proj": LoraConfig(rank=4), "a_log_delta": DeltaConfig()})
@@ -19,8 +21,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import MethodConfig, method_config
-from trials.methods.base import MethodError, ModelDims
-from trials.methods.registry import APPLY_ORDER, REGISTRY
+from trials.methods.base import MethodError
+from trials.methods.registry import APPLY_ORDER, REGISTRY, supported
+from trials.models.interface import HOOKS, ModelDims, architecture
 
 
 @dataclass
@@ -61,8 +64,13 @@ def apply_methods(lm: Any, methods: Mapping[str, MethodConfig], freeze: bool = T
     if freeze:
         for p in lm.parameters():
             p.requires_grad_(False)
+    model_type = architecture(lm).model_type
+    for name in methods:
+        reason = supported(name, model_type)
+        if reason is not None:
+            raise MethodError(f"{name} is not supported on {model_type}: {reason}")
     applied = AppliedMethods(configs=dict(methods))
-    dims = ModelDims.from_config(lm.config)
+    dims = ModelDims.from_model(lm)
     for name in APPLY_ORDER:
         if name not in methods:
             continue
@@ -77,11 +85,10 @@ def apply_methods(lm: Any, methods: Mapping[str, MethodConfig], freeze: bool = T
 
 
 def merge_methods(lm: nn.Module) -> None:
-    """Fold every parametrisation into the tensor it adapts; ``lm`` becomes a plain HF Mamba model.
+    """Fold every parametrisation into the tensor it adapts; ``lm`` becomes a plain HF model of its class.
 
     Raises (changing nothing) when a non-mergeable method is applied: save its adapter weights instead."""
     from trials.methods.prompt import ATTRIBUTE
-    from trials.mixer import HOOKS
 
     present = sorted({h for m in lm.modules() for h in (*HOOKS, ATTRIBUTE) if getattr(m, h, None) is not None})
     if present:

@@ -1,53 +1,67 @@
 """The shape every PEFT method module shares, and the helpers they use.
 
-A method is applied through ``torch.nn.utils.parametrize``: the adapted tensor (``in_proj.weight``,
-``A_log``, ...) becomes ``original + delta`` wherever it is read, so no execution path (the torch reference
-scan, mambapy, or code that passes ``.weight`` straight to a kernel) can bypass it.
+A method is written against the mixer interface of ``trials.models.interface`` only: the SSM layers of any
+supported model are ``Mixer`` objects (a kind's spec bound to one module), and the sizes a closed-form count needs
+are a ``ModelDims``. A method says, per architecture, whether it applies (``refusal``), so an unsupported
+combination is refused when the space is validated, before any training.
+
+A weight delta is applied through ``torch.nn.utils.parametrize``: the adapted tensor (``in_proj.weight``,
+``A_log``, ...) becomes ``original + delta`` wherever it is read, so no execution path (the torch reference scan,
+mambapy, or code that passes ``.weight`` straight to a kernel) can bypass it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The Mamba-1 sizes a closed-form parameter count needs (notation of peft-methods.md)."""
-
-    D: int  # hidden_size
-    E: int  # intermediate_size (expand * D)
-    N: int  # state_size
-    R: int  # time_step_rank
-    K: int  # conv_kernel
-    L: int  # num_hidden_layers
-    V: int  # vocab_size
-
-    @classmethod
-    def from_config(cls, config) -> ModelDims:  # a transformers MambaConfig
-        return cls(D=config.hidden_size, E=config.intermediate_size, N=config.state_size,
-                   R=config.time_step_rank, K=config.conv_kernel, L=config.num_hidden_layers,
-                   V=config.vocab_size)
+from trials.models.interface import KINDS, Architecture, Mixer, MixerSpec, ModelDims, mixer_kinds
 
 
 class Method(Protocol):
-    """One PEFT method: its name, closed-form count, and how it changes a model."""
+    """One PEFT method: its name, closed-form count, where it applies and how it changes a model."""
 
     name: str
     mergeable: bool
 
     def count(self, cfg: Any, dims: ModelDims) -> int: ...
 
-    def apply(self, lm: Any, cfg: Any) -> list[nn.Parameter]:
-        """Add the method's tensors to ``lm`` (a MambaForCausalLM) and return them (trainable)."""
+    def refusal(self, arch: Architecture) -> str | None:
+        """None when the method applies to models of ``arch``, else the reason it does not."""
         ...
+
+    def apply(self, lm: Any, cfg: Any) -> list[nn.Parameter]:
+        """Add the method's tensors to ``lm`` and return them (trainable)."""
+        ...
+
+
+# Given a trial config and a warm-up runner (train a config for some steps, return its applied methods), return
+# the method's config resolved for the trial.
+WarmUp = Callable[[Any, int], Any]
+
+
+@runtime_checkable
+class Prepared(Protocol):
+    """A method that needs a pass over the trial's data before training (SDT's warm-up): ``prepare`` returns its
+    config resolved for the trial (``cfg``: the whole trial config; ``warm_up(trial_cfg, steps)`` trains another
+    configuration of the same trial and returns what it applied)."""
+
+    def prepare(self, cfg: Any, warm_up: WarmUp) -> Any: ...
 
 
 class MethodError(ValueError):
     """A method cannot be applied to this model; the message names the method and module."""
+
+
+def layout(arch: Architecture) -> MixerSpec:
+    """What the SSM mixers of ``arch`` have, by name."""
+    from trials.models.interface import architecture_of
+
+    architecture_of(arch.model_type)  # loads the kinds
+    return KINDS[arch.kind].layout
 
 
 def stored(module: nn.Module, name: str) -> Any:
@@ -58,13 +72,14 @@ def stored(module: nn.Module, name: str) -> Any:
     return getattr(module, name)
 
 
-def mixers(lm: nn.Module) -> list[Any]:
-    layers = getattr(getattr(lm, "backbone", None), "layers", None)
-    if layers is None:
-        raise MethodError(f"{type(lm).__name__} has no backbone.layers: not a Mamba-1 model")
-    out = [layer.mixer for layer in layers]
-    for i, m in enumerate(out):
-        for attr in ("in_proj", "x_proj", "dt_proj", "out_proj", "A_log", "D"):
-            if not hasattr(m, attr):
-                raise MethodError(f"backbone.layers.{i}.mixer has no {attr}: not a Mamba-1 mixer")
-    return out
+def mixers(lm: nn.Module) -> list[Mixer]:
+    """Every SSM mixer of ``lm`` behind the interface, in layer order."""
+    try:
+        return mixer_kinds(lm)
+    except ValueError as e:
+        raise MethodError(str(e)) from e
+
+
+def kind_refusal(arch: Architecture, kinds: tuple[str, ...], why: str) -> str | None:
+    """A refusal unless ``arch``'s SSM mixers are of one of ``kinds``."""
+    return None if arch.kind in kinds else why

@@ -1,5 +1,9 @@
-"""LoRA (Hu et al. 2021) on the Mamba-1 projections, and MambaPEFT's partial LoRA on blocks of their output
-rows (Yoshimura et al. 2025: LoRA_p(X), LoRA_p(Z) on in_proj; LoRA_p(d), LoRA_p(B), LoRA_p(C) on x_proj).
+"""LoRA (Hu et al. 2021) on the SSM mixers' projections, and MambaPEFT's partial LoRA on named blocks of their
+output rows (Yoshimura et al. 2025: LoRA_p(X), LoRA_p(Z) on in_proj; LoRA_p(d), LoRA_p(B), LoRA_p(C) on Mamba-1's
+x_proj, which on Mamba-2 are the b, c and dt blocks of in_proj: ``lora_in_proj_b`` / ``_c`` / ``_dt``). The blocks
+are the mixer kind's (``trials.models``): Mamba-1 in_proj = x | z, x_proj = dt | B | C; Mamba-2 in_proj =
+z | x | B | C | dt. A target the kind lacks (x_proj or dt_proj on Mamba-2) is refused with the counterpart to use.
+On hybrids, LoRA on the attention (q, k, v, o) and MLP (gate, up, down) projections too.
 
 W' = W + scale * pad(B A) with A [r, in] Kaiming-uniform (as ``nn.Linear`` initialises) and B [rows, r] zeros,
 padded with zero rows outside the targeted block, so the model is unchanged at init. The delta is applied as a
@@ -7,22 +11,21 @@ parametrisation of the weight, so every path that reads ``weight`` (module calls
 ``dt_proj.weight @ ...``, the fused CUDA kernel) sees W'. Trainable per layer: r (in + rows), plus ``rows``
 magnitudes with DoRA. Mergeable: W <- W'.
 
-Also here: LoRA on the depthwise ``conv1d`` (its [E, 1, K] kernel read as an [E, K] matrix, so r <= K), LoRA on
+Also here: LoRA on the depthwise ``conv1d`` (its [C, 1, K] kernel read as a [C, K] matrix, so r <= K), LoRA on
 the embeddings (model-level; MambaPEFT's ``EmbedAdapter`` init: the vocabulary side N(0, 1), the hidden side
 zero; a tied ``lm_head`` reads the same adapted matrix), and the Halloran-style preset (LoRA on in_proj, out_proj,
 x_proj and the embeddings with one config).
 
 LoRA dropout (``dropout > 0``) acts on the adapter's input only, as in peft: out = W x + s B A drop(x). The weight
 stays W + s B A; a forward hook adds s B A (drop(x) - x) while training. It needs the module to be called as a
-module, which holds for in_proj, x_proj and out_proj on every path (the mixer leaves mamba-ssm's fused kernel when
-such a hook is present); dt_proj's weight is read directly and the embeddings are a lookup, so dropout there (and
-with DoRA, whose row norm would need the dropped input too) is refused.
+module on every path (the kind's ``hookable`` projections: Mamba-1's in_proj, x_proj, out_proj, Mamba-2's
+in_proj, every side target); elsewhere (dt_proj, Mamba-2's out_proj, which the fused kernel takes as a weight,
+conv1d, the embeddings) dropout is refused, as with DoRA, whose row norm would need the dropped input too.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,9 +34,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import LoraConfig
-from trials.methods.base import MethodError, ModelDims, mixers, stored
-
-Rows = Callable[[ModelDims], tuple[int, int]]  # the targeted output rows [start, stop) from the model sizes
+from trials.methods.base import MethodError, layout, mixers, stored
+from trials.models.interface import Architecture, MixerSpec, ModelDims, architecture, architecture_of
 
 
 class LoraDelta(nn.Module):
@@ -83,13 +85,11 @@ class LoraDelta(nn.Module):
         return output + correction.to(output.dtype)
 
 
-DROPOUT_MODULES = ("in_proj", "x_proj", "out_proj")  # called as modules on every path (see the docstring)
-
-
-def check_dropout(name: str, module: str, cfg: LoraConfig) -> None:
-    if cfg.dropout > 0 and module not in DROPOUT_MODULES:
-        raise MethodError(f"{name}.dropout {cfg.dropout}: LoRA dropout is supported on "
-                          f"{', '.join(DROPOUT_MODULES)} only ({module} is not called as a module on every path)")
+def check_dropout(name: str, where: str, hookable: bool, cfg: LoraConfig) -> None:
+    """LoRA dropout runs as a forward hook, so only on a layer called as a module on every path (``hookable``)."""
+    if cfg.dropout > 0 and not hookable:
+        raise MethodError(f"{name}.dropout {cfg.dropout}: {where} is not called as a module on every path (its "
+                          "weight is read directly), so LoRA dropout there would be skipped; set dropout: 0")
     if cfg.dropout > 0 and cfg.dora:
         raise MethodError(f"{name}.dropout {cfg.dropout}: dropout with dora is not supported; set dropout: 0")
 
@@ -117,29 +117,99 @@ def lora_params(delta: LoraDelta) -> list[nn.Parameter]:
 
 
 class Lora:
-    """LoRA on ``mixer.<module>.weight``, on all its output rows or on the block ``rows`` gives."""
+    """LoRA on a projection of every SSM mixer, on all its output rows or on one named block of them."""
 
     mergeable = True
 
-    def __init__(self, name: str, module: str, in_size: Callable[[ModelDims], int],
-                 out_size: Callable[[ModelDims], int], rows: Rows | None = None) -> None:
-        self.name, self.module = name, module
-        self.in_size, self.out_size = in_size, out_size
-        self.rows = rows or (lambda d: (0, out_size(d)))
+    def __init__(self, name: str, projection: str, block: str | None = None, instead: str = "") -> None:
+        self.name, self.projection, self.block = name, projection, block
+        self.instead = instead  # what to use where the kind lacks the target, for the refusal
+
+    def _rows(self, spec: MixerSpec) -> tuple[int, int]:
+        proj = spec.projection(self.projection)
+        if self.block is None:
+            return 0, proj.out_features
+        b = proj.block(self.block)
+        return b.start, b.stop
+
+    def refusal(self, arch: Architecture) -> str | None:
+        spec = layout(arch)
+        what = self.projection if self.block is None else f"{self.projection} block {self.block}"
+        if spec.has_projection(self.projection) and (
+                self.block is None or any(b.name == self.block for b in spec.projection(self.projection).blocks)):
+            return None
+        blocks = {p.name: [b.name for b in p.blocks] for p in spec.projections}
+        return f"a {spec.kind} mixer has no {what} (its projections and blocks: {blocks}){self.instead}"
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
-        start, stop = self.rows(dims)
+        start, stop = self._rows(dims.mixer)
         magnitude = stop - start if cfg.dora else 0
-        return dims.L * (cfg.rank * (self.in_size(dims) + stop - start) + magnitude)
+        return dims.L * (cfg.rank * (dims.mixer.projection(self.projection).in_features + stop - start) + magnitude)
 
     def apply(self, lm: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
-        check_dropout(self.name, self.module, cfg)
-        dims = ModelDims.from_config(lm.config)
-        start, stop = self.rows(dims)
         params = []
-        for i, mixer in enumerate(mixers(lm)):
-            where = f"{self.name}: backbone.layers.{i}.mixer.{self.module}"
-            params += lora_params(add_lora(getattr(mixer, self.module), cfg, start, stop, where))
+        for mixer in mixers(lm):
+            where = f"{self.name}: {mixer.path}.{self.projection}"
+            check_dropout(self.name, f"{mixer.path}.{self.projection}",
+                          mixer.spec.projection(self.projection).hookable, cfg)
+            start, stop = self._rows(mixer.spec)
+            params += lora_params(add_lora(mixer.projection(self.projection), cfg, start, stop, where))
+        return params
+
+
+class ConvLora(Lora):
+    """LoRA on the depthwise conv1d kernel [C, 1, K] read as a [C, K] matrix (r <= K): C = E on Mamba-1, the
+    x | B | C channels on Mamba-2."""
+
+    def __init__(self) -> None:
+        super().__init__("lora_conv1d", "conv1d")
+
+    def refusal(self, arch: Architecture) -> str | None:
+        return None if layout(arch).has_tensor("conv_weight") else f"a {arch.kind} mixer has no conv1d"
+
+    def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
+        c, k = dims.mixer.conv_channels, dims.mixer.conv_kernel
+        return dims.L * (cfg.rank * (k + c) + (c if cfg.dora else 0))
+
+    def apply(self, lm: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
+        params = []
+        for mixer in mixers(lm):
+            check_dropout(self.name, f"{mixer.path}.conv1d", False, cfg)
+            conv, _ = mixer.owner("conv_weight")
+            params += lora_params(add_lora(conv, cfg, where=f"{self.name}: {mixer.path}.conv1d"))
+        return params
+
+
+class SideLora:
+    """LoRA on a hybrid's attention or MLP projection (``trials.models.hybrid``'s side targets) in every layer that
+    has it; a block of rows where the weight is fused (Granite's gate | up)."""
+
+    mergeable = True
+
+    def __init__(self, name: str, target: str) -> None:
+        self.name, self.target = name, target
+
+    def refusal(self, arch: Architecture) -> str | None:
+        family = "attention" if self.target.startswith("attn") else "MLP"
+        has = arch.attention if family == "attention" else arch.mlp
+        return None if has else f"{arch.model_type} has no {family} layers ({self.target} exists on hybrids only)"
+
+    def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
+        t = dims.side_target(self.target)
+        if t is None:
+            return 0
+        start, stop = t.rows or (0, t.out_features)
+        return t.count * (cfg.rank * (t.in_features + stop - start) + (stop - start if cfg.dora else 0))
+
+    def apply(self, lm: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
+        from trials.models.hybrid import side_modules
+
+        found = side_modules(lm, self.target)
+        if not found:
+            raise MethodError(f"{self.name}: {type(lm).__name__} has no {self.target} projection")
+        params = []
+        for path, module, (start, stop) in found:
+            params += lora_params(add_lora(module, cfg, start, stop, where=f"{self.name}: {path}"))
         return params
 
 
@@ -152,15 +222,18 @@ class EmbeddingLora:
     name = "lora_embeddings"
     mergeable = True
 
+    def refusal(self, arch: Architecture) -> str | None:
+        return None
+
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         return cfg.rank * (dims.V + dims.D) + (dims.V if cfg.dora else 0)
 
-    def apply(self, lm: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
-        check_dropout(self.name, "embeddings", cfg)
-        embeddings = lm.get_submodule("backbone.embeddings")
-        head = getattr(lm, "lm_head", None)
+    def apply(self, lm: Any, cfg: LoraConfig) -> list[nn.Parameter]:
+        check_dropout(self.name, "the embeddings", False, cfg)
+        embeddings = lm.get_input_embeddings()
+        head = lm.get_output_embeddings()
         tied = head is not None and stored(head, "weight") is stored(embeddings, "weight")
-        delta = add_lora(embeddings, cfg, where=f"{self.name}: backbone.embeddings")
+        delta = add_lora(embeddings, cfg, where=f"{self.name}: the input embeddings")
         with torch.no_grad():
             delta.lora_B.normal_()
             delta.lora_A.zero_()
@@ -171,55 +244,55 @@ class EmbeddingLora:
 
 
 class LoraPreset:
-    """Several LoRA methods applied with one config, counted and saved as one method."""
+    """Several LoRA methods applied with one config, counted and saved as one method. A member the architecture
+    lacks is left out (on Mamba-2, x_proj's dt | B | C rows are already blocks of in_proj, so Halloran's set is
+    in_proj, out_proj and the embeddings there)."""
 
     mergeable = True
 
     def __init__(self, name: str, members: list[Lora | EmbeddingLora]) -> None:
         self.name, self.members = name, members
 
+    def _present(self, arch: Architecture) -> list[Lora | EmbeddingLora]:
+        return [m for m in self.members if m.refusal(arch) is None]
+
+    def refusal(self, arch: Architecture) -> str | None:
+        return None if self._present(arch) else f"none of {[m.name for m in self.members]} applies to {arch.kind}"
+
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
-        return sum(m.count(cfg, dims) for m in self.members)
+        return sum(m.count(cfg, dims) for m in self._present(architecture_of(dims.model_type)))
 
     def apply(self, lm: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
-        return [p for m in self.members for p in m.apply(lm, cfg)]
+        return [p for m in self._present(architecture(lm)) for p in m.apply(lm, cfg)]
 
 
-def _lora_methods() -> list[Lora | EmbeddingLora | LoraPreset]:
-    def d(m: ModelDims) -> int:
-        return m.D
+_M1 = ": on Mamba-2 B, C and dt are blocks of in_proj (use lora_in_proj_b, lora_in_proj_c, lora_in_proj_dt)"
+_DT = ": on Mamba-2 dt is per head, a block of in_proj (use lora_in_proj_dt; dt_bias_delta tunes its bias)"
+_M2 = ": on Mamba-1 in_proj holds x and z only, and B, C and dt come from x_proj (use lora_x_proj_{})"
 
-    def e(m: ModelDims) -> int:
-        return m.E
 
-    def r(m: ModelDims) -> int:
-        return m.R
-
-    def two_e(m: ModelDims) -> int:
-        return 2 * m.E
-
-    def x_rows(m: ModelDims) -> int:
-        return m.R + 2 * m.N
-
-    def k(m: ModelDims) -> int:
-        return m.K
-
-    in_proj, out_proj = Lora("lora_in_proj", "in_proj", d, two_e), Lora("lora_out_proj", "out_proj", e, d)
-    x_proj, embeddings = Lora("lora_x_proj", "x_proj", e, x_rows), EmbeddingLora()
+def _lora_methods() -> list[Lora | EmbeddingLora | LoraPreset | SideLora]:
+    in_proj, out_proj = Lora("lora_in_proj", "in_proj"), Lora("lora_out_proj", "out_proj")
+    x_proj, embeddings = Lora("lora_x_proj", "x_proj", instead=_M1), EmbeddingLora()
     return [
         in_proj,
-        Lora("lora_in_proj_x", "in_proj", d, two_e, lambda m: (0, m.E)),
-        Lora("lora_in_proj_z", "in_proj", d, two_e, lambda m: (m.E, 2 * m.E)),
+        Lora("lora_in_proj_x", "in_proj", "x"),
+        Lora("lora_in_proj_z", "in_proj", "z"),
+        Lora("lora_in_proj_b", "in_proj", "b", instead=_M2.format("b")),
+        Lora("lora_in_proj_c", "in_proj", "c", instead=_M2.format("c")),
+        Lora("lora_in_proj_dt", "in_proj", "dt", instead=_M2.format("dt")),
         x_proj,
-        Lora("lora_x_proj_dt", "x_proj", e, x_rows, lambda m: (0, m.R)),
-        Lora("lora_x_proj_b", "x_proj", e, x_rows, lambda m: (m.R, m.R + m.N)),
-        Lora("lora_x_proj_c", "x_proj", e, x_rows, lambda m: (m.R + m.N, m.R + 2 * m.N)),
-        Lora("lora_dt_proj", "dt_proj", r, e),
+        Lora("lora_x_proj_dt", "x_proj", "dt", instead=_M1),
+        Lora("lora_x_proj_b", "x_proj", "b", instead=_M1),
+        Lora("lora_x_proj_c", "x_proj", "c", instead=_M1),
+        Lora("lora_dt_proj", "dt_proj", instead=_DT),
         out_proj,
-        Lora("lora_conv1d", "conv1d", k, e),
+        ConvLora(),
         embeddings,
         # Halloran et al.'s target set (MambaPEFT's "SLL LoRA"): in_proj, out_proj, x_proj and the embeddings.
         LoraPreset("lora_halloran", [in_proj, out_proj, x_proj, embeddings]),
+        *(SideLora(f"lora_{t}", t) for t in ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up",
+                                              "mlp_down")),
     ]
 
 

@@ -1,5 +1,5 @@
 """ProDiaL (Ham et al. 2025, "Parameter-efficient fine-tuning of state space models via projector-targeted
-diagonal-centric linear transformation") on ``in_proj`` or ``out_proj``:
+diagonal-centric linear transformation") on ``in_proj`` or ``out_proj`` of any mixer kind (sizes from its spec):
 
     W' = diag(s) W T + scale * B A,    T = I + blockdiag(R_1, ..., R_b)
 
@@ -22,7 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import ProdialConfig
-from trials.methods.base import MethodError, ModelDims, mixers
+from trials.methods.base import MethodError, layout, mixers
+from trials.models.interface import Architecture, ModelDims
 
 
 class ProdialTransform(nn.Module):
@@ -48,22 +49,24 @@ class ProdialTransform(nn.Module):
 class Prodial:
     mergeable = True
 
-    def __init__(self, name: str, module: str) -> None:
-        self.name, self.module = name, module
+    def __init__(self, name: str, projection: str) -> None:
+        self.name, self.projection = name, projection
 
-    def _sizes(self, dims: ModelDims) -> tuple[int, int]:
-        return (2 * dims.E, dims.D) if self.module == "in_proj" else (dims.D, dims.E)  # (out, in)
+    def refusal(self, arch: Architecture) -> str | None:
+        spec = layout(arch)
+        return None if spec.has_projection(self.projection) else f"a {spec.kind} mixer has no {self.projection}"
 
     def count(self, cfg: ProdialConfig, dims: ModelDims) -> int:
-        out_f, in_f = self._sizes(dims)
+        proj = dims.mixer.projection(self.projection)
+        out_f, in_f = proj.out_features, proj.in_features
         return dims.L * (in_f * cfg.block_size + out_f + cfg.rank * (in_f + out_f))
 
     def apply(self, lm: nn.Module, cfg: ProdialConfig) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
-        for i, mixer in enumerate(mixers(lm)):
-            module = getattr(mixer, self.module)
+        for mixer in mixers(lm):
+            module = mixer.projection(self.projection)
             out_f, in_f = module.weight.shape
-            where = f"backbone.layers.{i}.mixer.{self.module}"
+            where = f"{mixer.path}.{self.projection}"
             if in_f % cfg.block_size:
                 raise MethodError(f"{self.name}.block_size {cfg.block_size} does not divide the input size {in_f} "
                                   f"of {where}")

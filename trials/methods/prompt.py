@@ -9,10 +9,11 @@ position. With ``projection`` the tokens pass through Linear(D, D) -> Tanh -> Li
 real tokens (MambaPEFT uses N(0, 1)). Model-level count n D (x2 for prefix_suffix), + 2 D^2 + 2 D with the
 projection. Not mergeable.
 
-It runs as forward hooks of ``backbone`` (transformers' ``MambaModel``), so ``lm(input_ids)``, ``generate`` and
-any execution path see it. An ``attention_mask`` marks the real tokens (left or right padding); the re-laid-out
-sequence is right-padded. During cached generation a prefix goes in once, at the prefill call; a suffix cannot be
-cached (it must follow the newest token at every step), so a decoding step with one raises.
+It runs as forward hooks of the base model (transformers' ``MambaModel`` or ``Mamba2Model``), so
+``lm(input_ids)``, ``generate`` and any execution path see it. An ``attention_mask`` marks the real tokens (left
+or right padding); the re-laid-out sequence is right-padded. During cached generation a prefix goes in once, at
+the prefill call; a suffix cannot be cached (it must follow the newest token at every step), so a decoding step
+with one raises.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from space.methods import PromptConfig
-from trials.methods.base import ModelDims, mixers
+from trials.methods.base import mixers
 from trials.mixer import CACHE_KWARGS
+from trials.models.interface import Architecture, ModelDims
 
 ATTRIBUTE = "prompt_tuning"  # the backbone attribute holding the prompt module (merge refuses it)
 
@@ -98,7 +100,7 @@ def _install_hooks(backbone: nn.Module, prompt: PromptTokens) -> None:
             return args, kwargs
         embeds = bound.get("inputs_embeds")
         if embeds is None:
-            embeds = module.embeddings(bound["input_ids"])  # type: ignore[operator]
+            embeds = module.get_input_embeddings()(bound["input_ids"])  # type: ignore[operator]
         mask = bound.get("attention_mask")
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -131,14 +133,20 @@ class PromptTuning:
     def sites(cfg: PromptConfig) -> tuple[int, int]:
         return (cfg.tokens if cfg.position != "suffix" else 0, cfg.tokens if cfg.position != "prefix" else 0)
 
+    def refusal(self, arch: Architecture) -> str | None:
+        if not arch.attention:
+            return None
+        return ("not implemented on hybrids yet: inserted positions would also need the attention layers' position "
+                "ids and the hybrid generation cache handled")
+
     def count(self, cfg: PromptConfig, dims: ModelDims) -> int:
         prefix, suffix = self.sites(cfg)
         return (prefix + suffix) * dims.D + (2 * dims.D * dims.D + 2 * dims.D if cfg.projection else 0)
 
-    def apply(self, lm: nn.Module, cfg: PromptConfig) -> list[nn.Parameter]:
+    def apply(self, lm: Any, cfg: PromptConfig) -> list[nn.Parameter]:
         mixers(lm)
-        backbone: Any = lm.get_submodule("backbone")
-        table = backbone.embeddings.weight
+        backbone: Any = lm.base_model  # MambaModel / Mamba2Model: takes input_ids or inputs_embeds
+        table = lm.get_input_embeddings().weight
         prefix, suffix = self.sites(cfg)
         rows = torch.randint(0, table.shape[0], (prefix + suffix,))
         prompt = PromptTokens(table.detach()[rows.to(table.device)].float(), prefix, suffix, cfg.projection)

@@ -2,7 +2,8 @@
 arXiv 2410.09016, the SSM half of SDLoRA in furiosa-ai/ssm-peft).
 
 1. A warm-up run trains a dense zero-init delta on ``A_log`` [E, N] only (the ``a_log_delta`` method) from the
-   pretrained model, with the trial's data and training settings (``warmup_selection``).
+   pretrained model, with the trial's data and training settings (``Sdt.prepare``, which the trial runner calls
+   for every method that has it, handing in its own warm-up runner: this module never imports the runner).
 2. Per layer, channel importance is sum_n delta[e, n]^2; the top c = E - round(freeze_channel * E) channels are
    kept and, for each, its top s = N - round(freeze_state * N) states by delta^2 (``select_dimensions``).
 3. The trial restarts from the pretrained model and tunes zero-init deltas only on A_log[kept channel, its kept
@@ -24,11 +25,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import DeltaConfig, SdtConfig, SdtLayer
-from trials.methods.base import MethodError, ModelDims, mixers
+from trials.methods.base import MethodError, WarmUp, mixers
+from trials.models.interface import Architecture, ModelDims
 
 if TYPE_CHECKING:
     from space.config import TrialConfig
-    from trials.data import TaskData
 
 
 class SparseDelta(nn.Module):
@@ -77,21 +78,18 @@ def select_dimensions(a_log_deltas: list[torch.Tensor], cfg: SdtConfig) -> list[
     return out
 
 
-def warmup_selection(cfg: TrialConfig, data: TaskData | None = None) -> SdtConfig:
+def warmup_selection(cfg: TrialConfig, warm_up: WarmUp) -> SdtConfig:
     """Run SDT's warm-up for ``cfg`` (a trial with ``sdt`` among its methods) and return its sdt config with the
     selection filled in. The warm-up is a trial of its own: ``a_log_delta`` alone, same model, task, training
-    settings and seed, for ``warmup_steps``. The global RNG state is restored afterwards, so the trial that
-    follows is the same as one given this selection outright."""
-    from trials.run import build_trial, run_trial, trial_device  # trials.run imports this package
-
+    settings and seed, for ``warmup_steps``; ``warm_up`` (the trial runner's) trains it and returns what it applied
+    (the runner restores the global RNG state, so the trial that follows is the same as one given this selection
+    outright)."""
     sdt = cfg.methods["sdt"]
     if not isinstance(sdt, SdtConfig):
         raise MethodError(f"sdt: expected an SdtConfig, got {type(sdt).__name__}")
     warm = cfg.model_copy(update={"methods": {"a_log_delta": DeltaConfig()}})
-    with torch.random.fork_rng():
-        built = build_trial(warm, data, trial_device())
-        run_trial(warm, steps=sdt.warmup_steps, built=built)
-    deltas = [p.detach().cpu() for p in built.applied.params["a_log_delta"]]
+    applied = warm_up(warm, sdt.warmup_steps)
+    deltas = [p.detach().cpu() for p in applied.params["a_log_delta"]]
     return sdt.model_copy(update={"selection": tuple(select_dimensions(deltas, sdt))})
 
 
@@ -116,17 +114,30 @@ class Sdt:
     name = "sdt"
     mergeable = True
 
+    def refusal(self, arch: Architecture) -> str | None:
+        if arch.kind == "mamba1":
+            return None
+        return ("the selection is defined on Mamba-1's A_log [E, N] and x_proj's B/C rows; the Mamba-2 variant "
+                "(heads of the per-head A, B/C blocks of in_proj) is not implemented yet")
+
+    def prepare(self, cfg: TrialConfig, warm_up: WarmUp) -> SdtConfig:
+        """The config with its selection: the given one, or the warm-up's."""
+        sdt = cfg.methods["sdt"]
+        if isinstance(sdt, SdtConfig) and sdt.selection is not None:
+            return sdt
+        return warmup_selection(cfg, warm_up)
+
     def count(self, cfg: SdtConfig, dims: ModelDims) -> int:
         c, s = kept_sizes(cfg, dims.E, dims.N)
         return dims.L * (c * s + 2 * dims.N * c)
 
     def apply(self, lm: nn.Module, cfg: SdtConfig) -> list[nn.Parameter]:
-        dims = ModelDims.from_config(lm.config)
         if cfg.selection is None:
-            raise MethodError("sdt: no selection; build the trial with trials.run.build_trial (it runs the warm-up) "
-                              "or pass the config trials.methods.sdt.warmup_selection returns")
-        c, s = kept_sizes(cfg, dims.E, dims.N)
+            raise MethodError("sdt: no selection; build the trial with trials.run.build_trial (it runs the warm-up "
+                              "through Sdt.prepare) or pass the config trials.methods.sdt.warmup_selection returns")
         layers = mixers(lm)
+        dims = ModelDims.from_model(lm)
+        c, s = kept_sizes(cfg, dims.E, dims.N)
         if len(cfg.selection) != len(layers):
             raise MethodError(f"sdt: selection has {len(cfg.selection)} layers, the model {len(layers)}")
         params = []
@@ -137,14 +148,16 @@ class Sdt:
             a_cols = torch.tensor(layer.states)  # [c, s]
             # The C block starts after all of A_log's states, as the mixer splits x_proj's output (a method that
             # adds states may have enlarged both).
-            n_state = mixer.A_log.shape[1]
-            b_rows = dims.R + torch.arange(dims.N)  # [N]
+            owner, name = mixer.owner("A_log")
+            x_proj = mixer.projection("x_proj")
+            n_state = getattr(owner, name).shape[1]
+            b_rows = mixer.spec.projection("x_proj").block("b").start + torch.arange(dims.N)  # [N]
             x_rows = torch.cat([b_rows, b_rows + n_state])[:, None].expand(2 * dims.N, c).clone()  # [2N, c]
             x_cols = channels[None, :].expand(2 * dims.N, c).clone()  # [2N, c]
-            a_delta = SparseDelta(a_rows, a_cols).to(mixer.A_log.device)
-            x_delta = SparseDelta(x_rows, x_cols).to(mixer.x_proj.weight.device)
-            parametrize.register_parametrization(mixer, "A_log", a_delta)
-            parametrize.register_parametrization(mixer.x_proj, "weight", x_delta)
+            a_delta = SparseDelta(a_rows, a_cols).to(x_proj.weight.device)
+            x_delta = SparseDelta(x_rows, x_cols).to(x_proj.weight.device)
+            parametrize.register_parametrization(owner, name, a_delta)
+            parametrize.register_parametrization(x_proj, "weight", x_delta)
             params += [a_delta.delta, x_delta.delta]
         return params
 

@@ -31,19 +31,26 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import AdditionalScanConfig, AffixConfig, InitialStateConfig, ZeroDecayConfig
-from trials.methods.base import Method, MethodError, ModelDims, mixers, stored
+from trials.methods.base import Method, MethodError, mixers
+from trials.models.interface import Architecture, Hook, Mixer, ModelDims
 
 
-def project_mixers(lm: nn.Module, method: str) -> list[Any]:
-    from trials.mixer import FastMambaMixer
-
+def project_mixers(lm: nn.Module, method: str, hook: Hook) -> list[Mixer]:
+    """The mixers, when every one honours ``hook`` (the project's mixer does; transformers' paths do not)."""
     found = mixers(lm)
-    for i, m in enumerate(found):
-        if not isinstance(m, FastMambaMixer):
-            raise MethodError(f"{method} needs the project's mixer, but backbone.layers.{i}.mixer is "
-                              f"transformers' {type(m).__name__}: use model.scan auto, compiled or torch "
-                              "(trials.model.use_scan), not mambapy or hf_loop")
+    for m in found:
+        if not m.honours(hook):
+            raise MethodError(f"{method} needs the project's mixer, but {m.path} runs {m.runtime}: use model.scan "
+                              "auto, compiled or torch (trials.model.use_scan), not mambapy or hf_loop")
     return found
+
+
+MAMBA1_ONLY = ("the project's Mamba-2 mixer does not implement the {} hook yet (transformers' Mamba-2 forward "
+               "honours none)")
+
+
+def mamba1_only(arch: Architecture, hook: str) -> str | None:
+    return None if arch.kind == "mamba1" else MAMBA1_ONLY.format(hook)
 
 
 class AffixEncoder(nn.Module):
@@ -77,6 +84,9 @@ class AffixTuning:
     identity_at_init = False
     needs_project_mixer = True
 
+    def refusal(self, arch: Architecture) -> str | None:
+        return mamba1_only(arch, "affix_tokens")
+
     def count(self, cfg: AffixConfig, dims: ModelDims) -> int:
         n, e, L = cfg.tokens, dims.E, dims.L
         if cfg.projection:
@@ -84,27 +94,29 @@ class AffixTuning:
         return L * n * e
 
     def apply(self, lm: nn.Module, cfg: AffixConfig) -> list[nn.Parameter]:
-        found = project_mixers(lm, self.name)
-        width = found[0].intermediate_size
-        device = found[0].A_log.device
+        found = project_mixers(lm, self.name, "affix_tokens")
+        width = found[0].spec.inner
+        device = found[0].projection("in_proj").weight.device
         if cfg.projection:
             encoder = AffixEncoder(cfg.tokens, width, len(found)).to(device)
-            lm.get_submodule("backbone").affix_encoder = encoder
+            base: Any = lm.base_model
+            base.affix_encoder = encoder
             for i, mixer in enumerate(found):
-                mixer.affix_tokens = _LayerTokens(encoder, i)
+                mixer.set_hook("affix_tokens", _LayerTokens(encoder, i))
             return list(encoder.parameters())
         params = []
         for mixer in found:
-            mixer.affix_tokens = nn.Parameter(torch.randn(cfg.tokens, width, device=device))  # [n, E]
-            params.append(mixer.affix_tokens)
+            tokens = nn.Parameter(torch.randn(cfg.tokens, width, device=device))  # [n, E]
+            mixer.set_hook("affix_tokens", tokens)
+            params.append(tokens)
         return params
 
 
-def zero_state(mixer: Any) -> nn.Parameter:
+def zero_state(mixer: Mixer) -> nn.Parameter:
     """A zero [E, N] tensor on the mixer's device, N the pretrained state size (the mixer zero-pads it when
     additional-scan has enlarged the state)."""
-    shape = (mixer.intermediate_size, stored(mixer, "A_log").shape[1])
-    return nn.Parameter(torch.zeros(shape, device=mixer.A_log.device))  # [E, N]
+    device = mixer.projection("in_proj").weight.device
+    return nn.Parameter(torch.zeros(mixer.spec.state_shape, device=device))  # [E, N]
 
 
 class InitialState:
@@ -112,18 +124,24 @@ class InitialState:
     mergeable = False
     needs_project_mixer = True
 
+    def refusal(self, arch: Architecture) -> str | None:
+        return mamba1_only(arch, "initial_state")
+
     def count(self, cfg: InitialStateConfig, dims: ModelDims) -> int:
-        return dims.L * (dims.E * dims.N + (dims.E * (dims.K - 1) if cfg.conv_state else 0))
+        m = dims.mixer
+        return dims.L * (math.prod(m.state_shape) + (m.conv_channels * (m.conv_kernel - 1) if cfg.conv_state else 0))
 
     def apply(self, lm: nn.Module, cfg: InitialStateConfig) -> list[nn.Parameter]:
         params = []
-        for mixer in project_mixers(lm, self.name):
-            mixer.initial_state = zero_state(mixer)  # [E, N]
-            params.append(mixer.initial_state)
+        for mixer in project_mixers(lm, self.name, "initial_state"):
+            h0 = zero_state(mixer)  # [E, N]
+            mixer.set_hook("initial_state", h0)
+            params.append(h0)
             if cfg.conv_state:
-                e, k = mixer.intermediate_size, mixer.conv_kernel_size
-                mixer.conv_state = nn.Parameter(torch.zeros(k - 1, e, device=mixer.A_log.device))  # [K-1, E]
-                params.append(mixer.conv_state)
+                c, k = mixer.spec.conv_channels, mixer.spec.conv_kernel
+                conv = nn.Parameter(torch.zeros(k - 1, c, device=h0.device))  # [K-1, E]
+                mixer.set_hook("conv_state", conv)
+                params.append(conv)
         return params
 
 
@@ -132,14 +150,18 @@ class StateOffset:
     mergeable = False
     needs_project_mixer = True
 
+    def refusal(self, arch: Architecture) -> str | None:
+        return mamba1_only(arch, "state_offset")
+
     def count(self, cfg: ZeroDecayConfig, dims: ModelDims) -> int:
-        return dims.L * dims.E * dims.N
+        return dims.L * math.prod(dims.mixer.state_shape)
 
     def apply(self, lm: nn.Module, cfg: ZeroDecayConfig) -> list[nn.Parameter]:
         params = []
-        for mixer in project_mixers(lm, self.name):
-            mixer.state_offset = zero_state(mixer)  # [E, N]
-            params.append(mixer.state_offset)
+        for mixer in project_mixers(lm, self.name, "state_offset"):
+            offset = zero_state(mixer)  # [E, N]
+            mixer.set_hook("state_offset", offset)
+            params.append(offset)
         return params
 
 
@@ -176,23 +198,34 @@ class AdditionalScan:
     mergeable = True
     identity_at_init = False
 
+    def refusal(self, arch: Architecture) -> str | None:
+        if arch.kind == "mamba1":
+            return None
+        return ("on Mamba-2 extra state dimensions are extra B and C rows per group of in_proj and a padded [H, P, N] "
+                "state, which no Mamba-2 forward here implements yet")
+
     def count(self, cfg: AdditionalScanConfig, dims: ModelDims) -> int:
         return dims.L * 3 * dims.E * cfg.states
 
     def apply(self, lm: Any, cfg: AdditionalScanConfig) -> list[nn.Parameter]:
-        dims = ModelDims.from_config(lm.config)
         params: list[nn.Parameter] = []
-        for i, mixer in enumerate(mixers(lm)):
-            if mixer.A_log.shape[1] != dims.N:
-                raise MethodError(f"{self.name}: backbone.layers.{i}.mixer.A_log has {mixer.A_log.shape[1]} states, "
-                                  f"the config says {dims.N}")
-            a = ExtraALog(mixer.A_log, cfg.states).to(mixer.A_log.device)
-            rows = ExtraBCRows(dims.R, dims.N, cfg.states, dims.E).to(mixer.x_proj.weight.device)
-            parametrize.register_parametrization(mixer, "A_log", a, unsafe=True)
-            parametrize.register_parametrization(mixer.x_proj, "weight", rows, unsafe=True)
-            mixer.ssm_state_size = dims.N + cfg.states
+        n = 0
+        for mixer in mixers(lm):
+            spec, n = mixer.spec, mixer.spec.state
+            owner, name = mixer.owner("A_log")
+            current = getattr(owner, name)
+            if current.shape[1] != n:
+                raise MethodError(f"{self.name}: {mixer.path}.A_log has {current.shape[1]} states, its pretrained "
+                                  f"A_log {n}: apply additional_scan once")
+            x_proj = mixer.projection("x_proj")
+            a = ExtraALog(current, cfg.states).to(current.device)
+            rows = ExtraBCRows(spec.dt_rank, n, cfg.states, spec.inner).to(x_proj.weight.device)
+            parametrize.register_parametrization(owner, name, a, unsafe=True)
+            parametrize.register_parametrization(x_proj, "weight", rows, unsafe=True)
+            module: Any = mixer.module
+            module.ssm_state_size = n + cfg.states
             params += [a.extra, rows.b_rows, rows.c_rows]
-        lm.config.state_size = dims.N + cfg.states  # transformers' cache and a merged checkpoint follow it
+        lm.config.state_size = n + cfg.states  # transformers' cache and a merged checkpoint follow it
         return params
 
 

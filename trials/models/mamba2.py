@@ -1,0 +1,115 @@
+"""The Mamba-2 mixer kind: transformers' ``Mamba2Mixer`` and the hybrids' Mamba-2-style mixers (Bamba's
+``BambaMixer``, Granite 4.0's ``GraniteMoeHybridMambaLayer``), which share its attributes and forward.
+
+in_proj [2I + 2GN + H, D] splits into z [I] | x [I] | B [GN] | C [GN] | dt [H]; depthwise conv1d [I + 2GN, 1, K]
+over x | B | C; per head A_log, D, dt_bias [H]; the gated RMSNorm's weight [I]; out_proj [D, I]. State per example
+[H, P, N]. There is no x_proj or dt_proj: B, C and dt are blocks of in_proj, dt per head.
+
+Every path (the chunked torch scan, the cached step, mamba-ssm's fused CUDA kernel) reads conv1d's, the norm's
+and out_proj's weights and the per-head tensors as attributes, and calls in_proj as a module, so a parametrised
+tensor is the tensor used everywhere. The fused kernel is handed out_proj's weight, so a forward hook of out_proj
+(LoRA dropout there, a parallel adapter) would be skipped on CUDA: out_proj is not ``hookable``, and transformers'
+forward honours none of the state hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from trials.models.interface import (
+    Architecture,
+    Block,
+    Hook,
+    Mixer,
+    MixerSpec,
+    ModelDims,
+    Projection,
+    TensorSpec,
+    mixer_kinds,
+    model_norms,
+    register_architecture,
+    register_kind,
+)
+
+
+def spec(D: int, I: int, N: int, K: int, H: int, P: int, G: int) -> MixerSpec:  # noqa: E741,N803 (notation)
+    gn, conv = G * N, I + 2 * G * N
+    blocks = (Block("z", 0, I), Block("x", I, 2 * I), Block("b", 2 * I, 2 * I + gn),
+              Block("c", 2 * I + gn, 2 * I + 2 * gn), Block("dt", 2 * I + 2 * gn, 2 * I + 2 * gn + H))
+    # The conv bias is listed even where a model was built without one: BitFit creates it.
+    tensors = (TensorSpec("A_log", "A_log", (H,)), TensorSpec("D", "D", (H,)), TensorSpec("dt_bias", "dt_bias", (H,)),
+               TensorSpec("norm", "norm.weight", (I,)), TensorSpec("conv_weight", "conv1d.weight", (conv, 1, K)),
+               TensorSpec("conv_bias", "conv1d.bias", (conv,)))
+    return MixerSpec(
+        kind="mamba2", hidden=D, inner=I, state=N, conv_kernel=K, conv_channels=conv, heads=H, head_dim=P, groups=G,
+        dt_rank=0,
+        projections=(Projection("in_proj", D, 2 * I + 2 * gn + H, blocks),
+                     Projection("out_proj", I, D, hookable=False)),
+        tensors=tensors, state_shape=(H, P, N))
+
+
+def _classes() -> tuple[type, ...]:
+    from transformers.models.bamba.modeling_bamba import BambaMixer
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    return Mamba2Mixer, BambaMixer, GraniteMoeHybridMambaLayer
+
+
+def _project_hooks(module: nn.Module) -> frozenset[Hook] | None:
+    """The hooks the project's Mamba-2 mixer declares it honours (``HOOKS`` on its class), when it runs ``module``."""
+    try:
+        from trials.models.mamba2_mixer import FastMamba2Mixer  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    if not isinstance(module, FastMamba2Mixer):
+        return None
+    return frozenset(getattr(FastMamba2Mixer, "HOOKS", ()))
+
+
+class Mamba2Kind:
+    name = "mamba2"
+    layout = spec(1, 1, 1, 2, 1, 1, 1)
+
+    def __init__(self) -> None:
+        self._types: tuple[type, ...] | None = None
+
+    def matches(self, module: nn.Module) -> bool:
+        if self._types is None:
+            self._types = _classes()
+        return isinstance(module, self._types)
+
+    def bind(self, module: nn.Module, path: str) -> Mixer:
+        m: Any = module
+        s = spec(m.hidden_size, m.intermediate_size, m.ssm_state_size, m.conv_kernel_size, m.num_heads, m.head_dim,
+                 m.n_groups)
+        project = _project_hooks(module)
+        if project is not None:
+            return Mixer(spec=s, module=module, path=path, hooks=project, runtime="the project's FastMamba2Mixer")
+        return Mixer(spec=s, module=module, path=path, hooks=frozenset(),
+                     runtime=f"transformers' {type(module).__name__}")
+
+
+KIND = register_kind(Mamba2Kind())
+
+
+def dims_of(lm: nn.Module, model_type: str, side: tuple = ()) -> ModelDims:
+    found = mixer_kinds(lm)
+    config: Any = lm.config
+    return ModelDims(model_type=model_type, mixer=found[0].spec, L=len(found), V=config.vocab_size,
+                     norms=len(model_norms(lm)), side=side)
+
+
+def _dims_from_config(config: Any) -> ModelDims:
+    c = config
+    mixer = spec(c.hidden_size, int(c.expand * c.hidden_size), c.state_size, c.conv_kernel, c.num_heads, c.head_dim,
+                 c.n_groups)
+    return ModelDims(model_type="mamba2", mixer=mixer, L=c.num_hidden_layers, V=c.vocab_size,
+                     norms=c.num_hidden_layers + 1)
+
+
+ARCHITECTURE = register_architecture(Architecture(
+    model_type="mamba2", kind="mamba2", dims=lambda lm: dims_of(lm, "mamba2"), dims_from_config=_dims_from_config,
+    description="Mamba2ForCausalLM (Mamba-2)"))
