@@ -1,7 +1,8 @@
-"""Reproducible pretraining recipes for the embedded Mamba-1 checkpoints.
+"""Reproducible pretraining recipes for the embedded checkpoints (Mamba-1, and a Mamba-2).
 
     python -m trials.pretrain --recipe small --out trials/assets/small-mamba   # `embedded`: hidden 128, 503k
     python -m trials.pretrain --recipe tiny --out trials/assets/tiny-mamba     # `embedded-tiny`: hidden 64, 149k
+    python -m trials.pretrain --recipe tiny-mamba2                             # `embedded-mamba2`: hidden 64, 131k
 
 Data present on every machine with Python 3.11 and scikit-learn, and disjoint from every downstream
 validation and test example:
@@ -25,6 +26,7 @@ import random
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,12 +97,24 @@ def image_corpus(seed: int = 0) -> list[list[int]]:
     return [digit_tokens(images[i]) for i in allowed]
 
 
-def build_config(hidden: int, layers: int, state: int):
-    from transformers import MambaConfig
+def build_config(hidden: int, layers: int, state: int, arch: str = "mamba", head_dim: int = 16, groups: int = 1,
+                 chunk: int = 16) -> Any:
+    """A Mamba-1 (``arch`` mamba) or Mamba-2 (mamba2: ``2 * hidden / head_dim`` heads, ``groups`` B/C groups,
+    SSD chunks of ``chunk`` tokens) config over the embedded vocabulary, embeddings tied to the output."""
+    from transformers import Mamba2Config, MambaConfig
 
-    return MambaConfig(vocab_size=EMBEDDED_VOCAB_SIZE, hidden_size=hidden, state_size=state,
-                       num_hidden_layers=layers, expand=2, conv_kernel=4, pad_token_id=PAD_ID,
-                       bos_token_id=1, eos_token_id=2, use_mambapy=True, tie_word_embeddings=True)
+    tokens: dict[str, Any] = {"vocab_size": EMBEDDED_VOCAB_SIZE, "pad_token_id": PAD_ID, "bos_token_id": 1,
+                              "eos_token_id": 2, "tie_word_embeddings": True}
+    if arch == "mamba":
+        return MambaConfig(hidden_size=hidden, state_size=state, num_hidden_layers=layers, expand=2, conv_kernel=4,
+                           use_mambapy=True, **tokens)
+    if arch == "mamba2":
+        if (2 * hidden) % head_dim:
+            raise ValueError(f"head_dim: {head_dim} does not divide the inner width 2 * {hidden}")
+        return Mamba2Config(hidden_size=hidden, state_size=state, num_hidden_layers=layers, expand=2, conv_kernel=4,
+                            num_heads=2 * hidden // head_dim, head_dim=head_dim, n_groups=groups, chunk_size=chunk,
+                            **tokens)
+    raise ValueError(f"arch: {arch!r} is not one of mamba, mamba2")
 
 
 def batches(text: list[int], images: list[list[int]], batch: int, length: int, rng: random.Random,
@@ -124,15 +138,17 @@ def batches(text: list[int], images: list[list[int]], batch: int, length: int, r
 def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: int, layers: int,
              state: int, seed: int, log_every: int = 50, corpus: str = "tiny", image_every: int = 2,
              scan: str = "mambapy", name: str = "tiny-mamba", checkpoint: str = "embedded-tiny",
-             recipe: str = "tiny") -> dict:
-    from transformers import MambaForCausalLM
+             recipe: str = "tiny", arch: str = "mamba", head_dim: int = 16, groups: int = 1,
+             chunk: int = 16) -> dict:
+    from transformers import AutoModelForCausalLM
 
     from trials.model import use_scan
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     text, images = text_corpus(corpus), image_corpus(seed)
-    model = MambaForCausalLM(build_config(hidden, layers, state))
+    config = build_config(hidden, layers, state, arch, head_dim, groups, chunk)
+    model = AutoModelForCausalLM.from_config(config)
     use_scan(model, scan)  # the same function on every path; `auto` is the fast CPU scan
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
@@ -156,15 +172,20 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
     seconds = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    if arch == "mamba2":
+        info_arch = {"num_heads": config.num_heads, "head_dim": head_dim, "n_groups": groups, "chunk_size": chunk}
+    else:
+        info_arch = {}
     info = {"recipe": recipe, "name": name, "checkpoint": checkpoint, "corpus": corpus,
             "files": len(stdlib_files(corpus)),
             "image_every": image_every, "scan": scan, "threads": torch.get_num_threads(),
             "steps": steps, "batch_size": batch, "seq_len": length, "lr": lr, "seed": seed,
-            "hidden_size": hidden, "num_hidden_layers": layers, "state_size": state,
+            "hidden_size": hidden, "num_hidden_layers": layers, "state_size": state, "arch": arch,
+            "class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": float(np.mean(losses[-log_every:])), "seconds": round(seconds, 1),
             "torch": torch.__version__, "python": platform.python_version(),
-            "text_bytes": len(text), "images": len(images)}
+            "text_bytes": len(text), "images": len(images), **info_arch}
     (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "README.md").write_text(model_card(info))
     return info
@@ -177,12 +198,18 @@ def model_card(info: dict) -> str:
              + "), and " + ", ".join(EXCLUDED_DIRS))
     share = "half" if info["image_every"] == 2 else f"1 in {info['image_every']}"
     default = ", which `embedded` means" if info["checkpoint"] == EMBEDDED_DEFAULT else ""
-    return f"""# {info['name']}: an embedded pretrained Mamba-1 of mamba-peft-search (`model.checkpoint: \
+    # Cards written before the Mamba-2 recipe have no ``arch``: they are Mamba-1.
+    mamba2 = info.get("arch", "mamba") == "mamba2"
+    kind, cls = ("Mamba-2", "Mamba2ForCausalLM") if mamba2 else ("Mamba-1", "MambaForCausalLM")
+    heads = (f", {info['num_heads']} heads x head_dim {info['head_dim']}, {info['n_groups']} group(s), SSD chunk "
+             f"{info['chunk_size']}" if mamba2 else "")
+    scan = "transformers' own path" if info["scan"] == "hf_loop" and mamba2 else f"scan `{info['scan']}`"
+    return f"""# {info['name']}: an embedded pretrained {kind} of mamba-peft-search (`model.checkpoint: \
 {info['checkpoint']}`{default})
 
-A `MambaForCausalLM` (hidden {info['hidden_size']}, {info['num_hidden_layers']} layers, state \
-{info['state_size']}, vocab {EMBEDDED_VOCAB_SIZE}, {info['parameters']:,} parameters) pretrained by next-token \
-prediction, so that PEFT adapts a model that has learnt something.
+A `{cls}` (hidden {info['hidden_size']}, {info['num_hidden_layers']} layers, state \
+{info['state_size']}{heads}, vocab {EMBEDDED_VOCAB_SIZE}, {info['parameters']:,} parameters) pretrained by \
+next-token prediction, so that PEFT adapts a model that has learnt something.
 
 How it was made: `python -m trials.pretrain --recipe {info['recipe']} --out trials/assets/{info['name']}` (the \
 recipe's settings are below; `trials/pretrain.py` holds them).
@@ -195,13 +222,15 @@ tokens, unlabelled, drawn only from the `digits` task's training split and the i
 of the modules the stdlib tasks are made from.
 - Tokens: 0 pad, 1 cls, 2 sep, 3..258 bytes, 259..275 pixel levels 0..16 (`trials/data.py`).
 - Schedule: {info['steps']} steps, batch {info['batch_size']}, AdamW lr {info['lr']} (5% warm-up, cosine), \
-weight decay 0.01, gradient clip 1.0, seed {info['seed']}, fp32 on CPU (torch {info['torch']}, scan \
-`{info['scan']}`, {info['threads']} threads).
+weight decay 0.01, gradient clip 1.0, seed {info['seed']}, fp32 on CPU (torch {info['torch']}, {scan}, \
+{info['threads']} threads).
 - Time: {info['seconds']} s. Final training loss (mean of the last 50 steps): {info['final_loss']:.3f} nats/token.
 """
 
 
-# The two embedded checkpoints: `tiny` is the original (mambapy scan, 16 files); `small` is the default `embedded`.
+# The embedded checkpoints: `tiny` is the original (mambapy scan, 16 files); `small` is the default `embedded`;
+# `tiny-mamba2` is a Mamba-2 on the `tiny` corpus, small enough (head_dim 16, one group, chunk 16) to train in
+# about five minutes on one core through transformers' own chunked-SSD torch path.
 RECIPES: dict[str, dict] = {
     "tiny": {"name": "tiny-mamba", "checkpoint": "embedded-tiny", "corpus": "tiny", "steps": 1500, "batch": 32,
              "length": 64, "lr": 3e-3, "hidden": 64, "layers": 4, "state": 16, "image_every": 2,
@@ -209,6 +238,9 @@ RECIPES: dict[str, dict] = {
     "small": {"name": "small-mamba", "checkpoint": "embedded-small", "corpus": "stdlib", "steps": 4000, "batch": 32,
               "length": 128, "lr": 2e-3, "hidden": 128, "layers": 4, "state": 16, "image_every": 4,
               "scan": "auto"},
+    "tiny-mamba2": {"name": "tiny-mamba2", "checkpoint": "embedded-mamba2", "corpus": "tiny", "steps": 1500,
+                    "batch": 32, "length": 64, "lr": 3e-3, "hidden": 64, "layers": 4, "state": 16, "image_every": 2,
+                    "scan": "hf_loop", "arch": "mamba2", "head_dim": 16, "groups": 1, "chunk": 16},
 }
 
 
@@ -225,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out or Path(__file__).resolve().parent / "assets" / r["name"]
     info = pretrain(out, r["steps"], r["batch"], r["length"], r["lr"], r["hidden"], r["layers"], r["state"], a.seed,
                     corpus=r["corpus"], image_every=r["image_every"], scan=r["scan"], name=r["name"],
-                    checkpoint=r["checkpoint"], recipe=a.recipe)
+                    checkpoint=r["checkpoint"], recipe=a.recipe, arch=r.get("arch", "mamba"),
+                    head_dim=r.get("head_dim", 16), groups=r.get("groups", 1), chunk=r.get("chunk", 16))
     print(json.dumps(info, indent=2))
 
 
