@@ -17,7 +17,9 @@ its loader cannot read this config (no ``model_type``); so the mapping is writte
 mamba-ssm options transformers' models cannot express are refused with the option named: MLP blocks
 (``d_intermediate`` > 0), attention layers (``attn_layer_idx``), LayerNorm instead of RMSNorm, and on Mamba-2 a
 partial SSM width (``d_ssm``), D per channel (``D_has_hdim``), an ungated or norm-before-gate output norm.
-Initialisation-only options (``dt_min``, ``A_init_range``, ...) are carried over where transformers has them.
+Initialisation-only options (``dt_min``, ``A_init_range``, ...) are carried over where transformers has them. A
+mamba-ssm config names no special tokens (its tokenizer is a separate repository), so the converted config keeps
+transformers' default token ids; they matter to generation only.
 """
 
 from __future__ import annotations
