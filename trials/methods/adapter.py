@@ -38,10 +38,11 @@ class ParallelAdapter:
     mergeable = False
 
     def refusal(self, arch: Architecture) -> str | None:
-        if arch.kind == "mamba1":
-            return None
-        return ("transformers' Mamba-2 forward hands out_proj's weight to its fused CUDA kernel, which would skip a "
-                "branch beside out_proj; it needs the project's Mamba-2 mixer honouring parallel_adapter")
+        # transformers' Mamba-2 forward hands out_proj's weight to its fused CUDA kernel, which would skip a branch
+        # beside out_proj: there it needs the project's Mamba-2 mixer, which leaves the kernel for it.
+        from trials.methods.state import project_hook
+
+        return project_hook(arch, "parallel_adapter")
 
     def count(self, cfg: AdapterConfig, dims: ModelDims) -> int:
         out_proj = dims.mixer.projection("out_proj")

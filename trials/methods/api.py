@@ -61,14 +61,14 @@ def apply_methods(lm: Any, methods: Mapping[str, MethodConfig], freeze: bool = T
     The measured count of every method must equal its closed form; a mismatch is a bug and raises.
     """
     _check_names(methods)
-    if freeze:
-        for p in lm.parameters():
-            p.requires_grad_(False)
     model_type = architecture(lm).model_type
     for name in methods:
         reason = supported(name, model_type)
         if reason is not None:
             raise MethodError(f"{name} is not supported on {model_type}: {reason}")
+    if freeze:
+        for p in lm.parameters():
+            p.requires_grad_(False)
     applied = AppliedMethods(configs=dict(methods))
     dims = ModelDims.from_model(lm)
     for name in APPLY_ORDER:

@@ -17,12 +17,18 @@
   (nn.Linear default init). The model's ``state_size`` becomes N + n, so transformers' cache, mambapy and the
   project's mixer all size their state from it. Per layer 3 E n. Mergeable into a model with d_state N + n.
 
+On Mamba-2 (the project's Mamba-2 mixer, ``trials.models.mamba2_mixer``) the same hooks take the kind's shapes
+(``MixerSpec``): affix tokens enter x | B | C before the convolution ([n, I + 2GN], so E above reads I + 2GN),
+the initial state and the state offset are [H, P, N], the conv state [K-1, I + 2GN]. Additional-scan is Mamba-1
+only for now (on Mamba-2 it would be extra B/C rows per group of in_proj).
+
 The first three are implemented by the project's mixer (``trials.mixer``); on transformers' own paths
 (``model.scan: mambapy`` or ``hf_loop``) they are refused when applied.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -45,12 +51,13 @@ def project_mixers(lm: nn.Module, method: str, hook: Hook) -> list[Mixer]:
     return found
 
 
-MAMBA1_ONLY = ("the project's Mamba-2 mixer does not implement the {} hook yet (transformers' Mamba-2 forward "
-               "honours none)")
-
-
-def mamba1_only(arch: Architecture, hook: str) -> str | None:
-    return None if arch.kind == "mamba1" else MAMBA1_ONLY.format(hook)
+def project_hook(arch: Architecture, hook: str) -> str | None:
+    """Mamba-1's project mixer honours every hook; on Mamba-2 only the project's Mamba-2 mixer does (transformers'
+    forward honours none), so the method is refused where that mixer is not part of this installation. Which
+    mixer a model actually runs is checked when the method is applied (``project_mixers``)."""
+    if arch.kind == "mamba1" or importlib.util.find_spec("trials.models.mamba2_mixer") is not None:
+        return None
+    return f"the {hook} hook needs the project's Mamba-2 mixer (trials.models.mamba2_mixer), which is not installed"
 
 
 class AffixEncoder(nn.Module):
@@ -85,17 +92,17 @@ class AffixTuning:
     needs_project_mixer = True
 
     def refusal(self, arch: Architecture) -> str | None:
-        return mamba1_only(arch, "affix_tokens")
+        return project_hook(arch, "affix_tokens")
 
     def count(self, cfg: AffixConfig, dims: ModelDims) -> int:
-        n, e, L = cfg.tokens, dims.E, dims.L
+        n, e, L = cfg.tokens, dims.mixer.conv_channels, dims.L
         if cfg.projection:
             return n * e + (e * e + e) + (e * L * e + L * e)
         return L * n * e
 
     def apply(self, lm: nn.Module, cfg: AffixConfig) -> list[nn.Parameter]:
         found = project_mixers(lm, self.name, "affix_tokens")
-        width = found[0].spec.inner
+        width = found[0].spec.conv_channels  # what the convolution reads: x (Mamba-1), x | B | C (Mamba-2)
         device = found[0].projection("in_proj").weight.device
         if cfg.projection:
             encoder = AffixEncoder(cfg.tokens, width, len(found)).to(device)
@@ -125,7 +132,7 @@ class InitialState:
     needs_project_mixer = True
 
     def refusal(self, arch: Architecture) -> str | None:
-        return mamba1_only(arch, "initial_state")
+        return project_hook(arch, "initial_state")
 
     def count(self, cfg: InitialStateConfig, dims: ModelDims) -> int:
         m = dims.mixer
@@ -151,7 +158,7 @@ class StateOffset:
     needs_project_mixer = True
 
     def refusal(self, arch: Architecture) -> str | None:
-        return mamba1_only(arch, "state_offset")
+        return project_hook(arch, "state_offset")
 
     def count(self, cfg: ZeroDecayConfig, dims: ModelDims) -> int:
         return dims.L * math.prod(dims.mixer.state_shape)

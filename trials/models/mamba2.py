@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from trials.models.interface import (
+    HOOKS,
     Architecture,
     Block,
     Hook,
@@ -59,14 +60,14 @@ def _classes() -> tuple[type, ...]:
 
 
 def _project_hooks(module: nn.Module) -> frozenset[Hook] | None:
-    """The hooks the project's Mamba-2 mixer declares it honours (``HOOKS`` on its class), when it runs ``module``."""
+    """The hooks the project's Mamba-2 mixer declares it honours (its module's ``HOOKS``), when it runs ``module``."""
     try:
-        from trials.models.mamba2_mixer import FastMamba2Mixer  # type: ignore[import-not-found,unused-ignore]
+        from trials.models import mamba2_mixer
     except ImportError:
         return None
-    if not isinstance(module, FastMamba2Mixer):
+    if not isinstance(module, mamba2_mixer.FastSSDForward):
         return None
-    return frozenset(getattr(FastMamba2Mixer, "HOOKS", ()))
+    return frozenset(h for h in HOOKS if h in mamba2_mixer.HOOKS)
 
 
 class Mamba2Kind:

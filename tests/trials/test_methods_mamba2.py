@@ -1,0 +1,266 @@
+"""The method matrix on Mamba-2 and the hybrids: every method each architecture supports goes through the same
+checks as on Mamba-1 (closed-form count, live gradients, no silent bypass, merge into a plain checkpoint that
+AutoModelForCausalLM reloads, adapters saved and loaded), on tiny models built here."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BambaConfig,
+    BambaForCausalLM,
+    GraniteMoeHybridConfig,
+    GraniteMoeHybridForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+)
+
+from space.methods import (
+    METHOD_SPACES,
+    AdapterConfig,
+    AffixConfig,
+    InitialStateConfig,
+    LoraConfig,
+    ProdialConfig,
+    PromptConfig,
+)
+from tests.trials.test_methods import forward, perturb
+from trials.methods import (
+    REGISTRY,
+    MethodError,
+    ModelDims,
+    apply_methods,
+    count_params,
+    load_adapters,
+    merge_methods,
+    save_adapters,
+    supported,
+)
+from trials.models.interface import mixer_kinds
+
+
+def tiny_mamba2() -> Mamba2ForCausalLM:
+    # hidden 32, 2 layers, 8 heads x head_dim 8, 8 groups, state 2, chunk 8 (mamba2-hybrids.md).
+    return Mamba2ForCausalLM(Mamba2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8,
+                                          n_groups=8, state_size=2, chunk_size=8, expand=2))
+
+
+def tiny_bamba() -> BambaForCausalLM:
+    # hidden 32, 4 layers with attention at 1 and 3, 16 heads, 1 group, state 16.
+    return BambaForCausalLM(BambaConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=4, attn_layer_indices=[1, 3], num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, mamba_n_heads=16, mamba_d_head=4, mamba_n_groups=1,
+        mamba_d_state=16, mamba_chunk_size=8, mamba_expand=2, initializer_range=0.25))
+
+
+def tiny_granite() -> GraniteMoeHybridForCausalLM:
+    # The same shape plus Granite's shared MLP (input_linear = gate | up) and two MoE experts.
+    return GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "attention"],
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=24, shared_intermediate_size=48,
+        num_local_experts=2, num_experts_per_tok=1, mamba_n_heads=16, mamba_d_head=4, mamba_n_groups=1,
+        mamba_d_state=16, mamba_chunk_size=8, mamba_expand=2, initializer_range=0.25))
+
+
+def tiny_mamba2_project_mixer() -> Mamba2ForCausalLM:
+    from trials.models.mamba2_mixer import install_fast_mamba2_mixer
+
+    lm = tiny_mamba2()
+    install_fast_mamba2_mixer(lm, "torch")
+    return lm
+
+
+def _has_project_mamba2_mixer() -> bool:
+    try:
+        import trials.models.mamba2_mixer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BUILDERS = {"mamba2": tiny_mamba2, "bamba": tiny_bamba, "granitemoehybrid": tiny_granite}
+if _has_project_mamba2_mixer():
+    BUILDERS["mamba2+project_mixer"] = tiny_mamba2_project_mixer
+HOOK_METHODS = ("affix_tuning", "initial_state", "state_offset", "parallel_adapter")
+
+SIZED = {
+    "prodial_in_proj": ProdialConfig(block_size=8, rank=2, scale=0.7),
+    "prodial_out_proj": ProdialConfig(block_size=16, rank=2, scale=0.7),
+    "prompt_tuning": PromptConfig(tokens=2),
+    "affix_tuning": AffixConfig(tokens=2),
+    "initial_state": InitialStateConfig(conv_state=True),
+    "parallel_adapter": AdapterConfig(rank=3, scale=0.5),
+}
+
+
+def config(name: str):
+    base = name.split("+")[0]
+    if base.startswith("lora_"):
+        return LoraConfig(rank=2, scale=0.7, dora=name.endswith("+dora"))
+    return SIZED.get(base, METHOD_SPACES[base][1]())
+
+
+def methods_for(arch: str) -> list[str]:
+    """The methods this fixture runs: those its model type supports; the hook methods only where the project's
+    mixer runs the model (transformers' forward honours none of them: refused, tested below)."""
+    model_type = arch.split("+")[0]
+    names = [n for n in METHOD_SPACES if supported(n, model_type) is None]
+    if not arch.endswith("+project_mixer"):
+        names = [n for n in names if n not in HOOK_METHODS]
+    names += [f"{n}+dora" for n in names if n.startswith("lora_")]
+    return names
+
+
+CASES = [(arch, (name,)) for arch in BUILDERS for name in methods_for(arch)]
+CASES += [(arch, tuple(n for n in methods_for(arch) if "+" not in n)) for arch in BUILDERS]  # all at once
+
+
+def case_id(case) -> str:
+    arch, combo = case
+    return f"{arch}-{'all' if len(combo) > 2 else '&'.join(combo)}"
+
+
+def build(arch: str):
+    torch.manual_seed(0)
+    return BUILDERS[arch]().eval()
+
+
+def methods_of(combo) -> dict:
+    return {name.split("+")[0]: config(name) for name in combo}
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(3, 40, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_measured_count_equals_closed_form(case):
+    arch, combo = case
+    lm = build(arch)
+    dims = ModelDims.from_model(lm)
+    methods = methods_of(combo)
+    apply_methods(lm, methods)
+    trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    assert trainable == sum(count_params(methods, dims).values()) > 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_tensor_is_live_and_changes_the_output(case, ids):
+    arch, combo = case
+    lm = build(arch)
+    before = forward(lm, ids).detach()
+    methods = methods_of(combo)
+    applied = apply_methods(lm, methods)
+    if all(getattr(REGISTRY[n], "identity_at_init", True) for n in methods):
+        torch.testing.assert_close(forward(lm, ids), before, rtol=1e-5, atol=1e-5)
+    perturb(applied)
+    out = forward(lm, ids)
+    assert (out - before).abs().max() > 1e-4  # no silent bypass: the perturbed tensors reach the output
+    out.square().mean().backward()
+    for name, ps in applied.params.items():
+        for p in ps:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: a tensor {tuple(p.shape)} got no gradient"
+
+
+MERGEABLE = [c for c in CASES if all(REGISTRY[n].mergeable for n in methods_of(c[1]))]
+MERGEABLE += [(arch, tuple(n for n in methods_for(arch) if "+" not in n and REGISTRY[n].mergeable))
+              for arch in BUILDERS]
+
+
+@pytest.mark.parametrize("case", MERGEABLE, ids=case_id)
+def test_merged_plain_checkpoint_reloads_with_the_same_logits(case, ids, tmp_path):
+    arch, combo = case
+    lm = build(arch)
+    applied = apply_methods(lm, methods_of(combo))
+    perturb(applied)
+    adapted = forward(lm, ids).detach()
+    merge_methods(lm)
+    lm.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded).__name__ == lm.config.architectures[0]
+    torch.testing.assert_close(forward(reloaded, ids), adapted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
+    combo = tuple(n for n in methods_for(arch) if "+" not in n)
+    lm = build(arch)
+    methods = methods_of(combo)
+    applied = apply_methods(lm, methods)
+    perturb(applied)
+    adapted = forward(lm, ids).detach()
+    save_adapters(lm, methods, tmp_path)
+    fresh = build(arch)
+    load_adapters(fresh, tmp_path)
+    torch.testing.assert_close(forward(fresh, ids), adapted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("model_type", "method", "reason"), [
+    ("mamba2", "lora_x_proj", "no x_proj.*use lora_in_proj_b"),
+    ("mamba2", "lora_x_proj_b", "no x_proj.*use lora_in_proj_b"),
+    ("mamba2", "lora_dt_proj", "no dt_proj.*lora_in_proj_dt"),
+    ("mamba", "lora_in_proj_b", "in_proj holds x and z only.*lora_x_proj_b"),
+    ("mamba", "gated_norm_delta", "no norm tensor"),
+    ("mamba2", "lora_attn_q", "mamba2 has no attention layers"),
+    ("mamba", "lora_mlp_up", "mamba has no MLP layers"),
+    ("mamba2", "sdt", "not implemented yet"),
+    ("bamba", "additional_scan", "no Mamba-2 forward here implements"),
+    ("granitemoehybrid", "prompt_tuning", "not implemented on hybrids"),
+    ("jamba", "lora_in_proj", "model_type 'jamba' is not supported"),
+])
+def test_unsupported_combinations_are_refused_with_the_reason(model_type, method, reason):
+    assert supported(method, model_type) is not None
+    assert re.search(reason, supported(method, model_type) or "")
+
+
+def test_applying_a_refused_method_names_method_architecture_and_reason():
+    lm = build("mamba2")
+    frozen = [p.requires_grad for p in lm.parameters()]
+    with pytest.raises(MethodError, match=r"lora_x_proj_c is not supported on mamba2: .*no x_proj"):
+        apply_methods(lm, {"lora_in_proj": LoraConfig(rank=2), "lora_x_proj_c": LoraConfig(rank=2)})
+    assert [p.requires_grad for p in lm.parameters()] == frozen  # refused before anything was frozen or added
+
+
+@pytest.mark.parametrize("method", HOOK_METHODS)
+def test_hook_methods_are_refused_on_transformers_mamba2_forward(method):
+    lm = build("mamba2")
+    refused = rf"{method} needs the project's mixer|does not honour|project's Mamba-2 mixer"
+    with pytest.raises(MethodError, match=refused):
+        apply_methods(lm, {method: config(method)})
+
+
+@pytest.mark.parametrize(("block", "rows"), [("z", (0, 64)), ("x", (64, 128)), ("b", (128, 144)), ("c", (144, 160)),
+                                             ("dt", (160, 168))])
+def test_lora_on_an_in_proj_block_changes_only_that_blocks_rows(block, rows):
+    lm = build("mamba2")
+    mixer = mixer_kinds(lm)[0]
+    assert (mixer.spec.projection("in_proj").block(block).start, mixer.spec.projection("in_proj").block(block).stop) \
+        == rows
+    before = mixer.projection("in_proj").weight.detach().clone()
+    perturb(apply_methods(lm, {f"lora_in_proj_{block}": LoraConfig(rank=2)}))
+    changed = (mixer.projection("in_proj").weight.detach() - before).abs().sum(dim=1) > 0  # [rows]
+    assert changed.nonzero().squeeze(1).tolist() == list(range(*rows))
+
+
+def test_granite_gate_and_up_adapt_their_halves_of_the_fused_input_linear():
+    lm = build("granitemoehybrid")
+    linear = lm.model.layers[0].shared_mlp.input_linear
+    before = linear.weight.detach().clone()
+    perturb(apply_methods(lm, {"lora_mlp_up": LoraConfig(rank=2)}))
+    changed = ((linear.weight.detach() - before).abs().sum(dim=1) > 0).nonzero().squeeze(1).tolist()
+    assert changed == list(range(48, 96))
+
+
+def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():
+    from trials.methods import support_table
+
+    table = support_table()
+    assert set(table) == set(REGISTRY)
+    for method, row in table.items():
+        assert set(row) >= {"mamba", "mamba2", "bamba", "granitemoehybrid"}
+        for arch, reason in row.items():
+            assert reason is None or len(reason) > 10, (method, arch)
