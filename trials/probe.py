@@ -9,13 +9,14 @@ also makes a bad checkpoint or data file an error before the first trial starts.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from space.config import ModelSpec, TaskSpec, TrialConfig
 from trials.data import TaskData
-from trials.methods import ModelDims
+from trials.methods import ModelDims, supported
 from trials.model import load_base_model
 from trials.run import build_trial, expected_trainable, head_params, make_optimizer, quiet_transformers, trial_device
 from trials.tasks import load_task
@@ -27,11 +28,25 @@ class Probe:
         # Opened once with its weights, before any trial: another architecture, or a missing or unexpected weight,
         # stops the search here (load_base_model names them).
         lm = load_base_model(model.checkpoint, model.scan)
-        self.dims = ModelDims.from_config(lm.config)
+        self.dims = ModelDims.from_model(lm)
+        self.model_type: str = self.dims.model_type  # the architecture the methods are checked against
         self.base_params = sum(p.numel() for p in lm.parameters())  # a tied head is one tensor, counted once
         del lm
         self.data: TaskData = load_task(task, model)
         self.num_classes = self.data.num_classes
+
+    def refusals(self, methods: Iterable[str]) -> dict[str, str]:
+        """``{method: reason}`` for each of ``methods`` this checkpoint's architecture does not support (empty when
+        all apply)."""
+        return {name: reason for name in methods if (reason := supported(name, self.model_type)) is not None}
+
+    def check_methods(self, methods: Iterable[str]) -> None:
+        """Raise ``ValueError`` naming every method of ``methods`` (a space's method names) that this checkpoint's
+        architecture does not support, with the reason, before any trial starts."""
+        refused = self.refusals(methods)
+        if refused:
+            raise ValueError("; ".join(f"methods.{name}: not supported on {self.model_type} ({reason})"
+                                       for name, reason in refused.items()))
 
     def trainable(self, cfg: TrialConfig) -> int:
         """Closed-form trainable parameters of ``cfg``: its methods plus the task head (a baseline: the head alone, or
@@ -44,7 +59,8 @@ class Probe:
 
     def info(self) -> dict[str, Any]:
         """What the driver prints and needs: sizes, and what loading the task changed (rows truncated)."""
-        return {"base_params": self.base_params, "num_classes": self.num_classes, "notes": list(self.data.notes)}
+        return {"base_params": self.base_params, "num_classes": self.num_classes, "notes": list(self.data.notes),
+                "model_type": self.model_type}
 
     def step_seconds(self, cfg: TrialConfig, warmup: int = 2, steps: int = 5, threads: int | None = None) -> float:
         """Measured seconds of one training step of ``cfg`` (after ``warmup`` steps), for cost estimates; with

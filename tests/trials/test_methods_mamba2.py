@@ -264,3 +264,16 @@ def test_every_method_is_supported_or_refused_with_a_reason_on_every_architectur
         assert set(row) >= {"mamba", "mamba2", "bamba", "granitemoehybrid"}
         for arch, reason in row.items():
             assert reason is None or len(reason) > 10, (method, arch)
+
+
+def test_the_probe_refuses_a_spaces_unsupported_methods_naming_method_architecture_and_reason():
+    from space.config import ModelSpec, TaskSpec
+    from trials.probe import Probe
+
+    probe = Probe(ModelSpec(checkpoint="embedded"), TaskSpec(name="digits", shots_per_class=2))
+    assert probe.model_type == "mamba" and probe.info()["model_type"] == "mamba"
+    assert probe.refusals(["lora_in_proj", "a_log_delta"]) == {}
+    probe.check_methods(["lora_in_proj", "lora_x_proj_b", "sdt"])
+    with pytest.raises(ValueError, match=r"methods\.lora_in_proj_b: not supported on mamba \(.*lora_x_proj_b\)\); "
+                                         r"methods\.lora_attn_q: not supported on mamba \(mamba has no attention"):
+        probe.check_methods(["lora_in_proj", "lora_in_proj_b", "lora_attn_q"])
