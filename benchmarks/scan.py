@@ -10,6 +10,13 @@ For each config, length and thread count it measures fwd+bwd milliseconds per st
 ``--budget`` seconds per step is timed once and not run at longer lengths. It prints ours / mambapy ratios,
 1024-vs-256 growth, peak-memory ratios, and ours against a FLOP-count lower bound (the model's FLOPs divided by
 this machine's measured matmul rate at the same thread count).
+
+The Mamba-2 section (``--sections mamba2``; both sections run by default) measures fwd+bwd milliseconds per step
+of a tiny Mamba-2 causal LM (hidden 32, 2 layers, 8 heads x head dim 8, state 4, chunk 8; n_groups 8 as ``tiny``
+and 2 as ``tiny-g2``) on transformers' torch path (``hf_torch``: its chunked scan, used where mamba-ssm is
+absent) and on the project's mixer (``ours``: trials.models.mamba2_mixer, the SSD scan of trials.models.ssd and
+the compiled convolution). Both run in one fresh process per config and length, alternating step by step so that
+load from other processes hits both alike, and it prints hf_torch / ours against the 2x target at L = 256.
 """
 
 from __future__ import annotations
@@ -29,6 +36,14 @@ PATHS = {"hf_loop": "hf_loop", "mambapy": "mambapy", "ours": "compiled", "ours_t
 BATCH = 16
 VOCAB = 288
 STATE = 16
+MAMBA2_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, n_groups=8, state_size=4,
+                 chunk_size=8, expand=2),
+    "tiny-g2": dict(hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, n_groups=2, state_size=4,
+                    chunk_size=8, expand=2),
+}
+MAMBA2_PATHS = ("hf_torch", "ours")
+MAMBA2_TARGET = {256: 2.0}  # ours against transformers' torch path, from the Mamba-2 issue
 
 
 def build(config: str, scan: str):
@@ -99,6 +114,68 @@ def measure(config: str, path: str, length: int, threads: int, budget: float, re
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_mamba2_case(config: str, length: int, threads: int, reps: int) -> dict:
+    """Both Mamba-2 paths in this process (called in a fresh subprocess), alternating step by step."""
+    import copy
+
+    import torch
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from trials.models.mamba2_mixer import install_fast_mamba2_mixer
+    from trials.run import quiet_transformers
+
+    quiet_transformers()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(vocab_size=VOCAB, **MAMBA2_CONFIGS[config])).train()
+    ours = copy.deepcopy(hf)
+    install_fast_mamba2_mixer(ours)
+    ids = torch.randint(3, VOCAB, (BATCH, length), generator=torch.Generator().manual_seed(0))
+    models = {"hf_torch": hf, "ours": ours}
+    times: dict[str, list[float]] = {p: [] for p in MAMBA2_PATHS}
+    for rep in range(reps + 1):  # the first round is the warm-up
+        for path in MAMBA2_PATHS:
+            t = time.perf_counter()
+            models[path](ids, labels=ids).loss.backward()
+            models[path].zero_grad(set_to_none=True)
+            if rep:
+                times[path].append(time.perf_counter() - t)
+    return {p: {"ms": 1000 * statistics.median(v), "min_ms": 1000 * min(v)} for p, v in times.items()}
+
+
+def measure_mamba2(config: str, length: int, threads: int, reps: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.scan", "--mamba2-case", json.dumps([config, length, threads, reps])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mamba2_section(configs: list[str], lengths: list[int], threads_list: list[int], reps: int) -> list[dict]:
+    print(f"\n== Mamba-2: batch {BATCH}, fp32, fwd+bwd ms/step (median of {reps}, alternating) ==", flush=True)
+    rows = []
+    for threads in threads_list:
+        for config in configs:
+            for length in lengths:
+                row = {"section": "mamba2", "config": config, "L": length, "threads": threads,
+                       **measure_mamba2(config, length, threads, reps)}
+                rows.append(row)
+                print(format_mamba2_row(row), flush=True)
+    return rows
+
+
+def format_mamba2_row(row: dict) -> str:
+    head = f"{row['config']:>7} L={row['L']:<5} threads={row['threads']}"
+    if "error" in row:
+        return f"{head}  error: {row['error']}"
+    hf, ours = row["hf_torch"], row["ours"]
+    ratio = hf["ms"] / ours["ms"]
+    want = MAMBA2_TARGET.get(row["L"])
+    target = f" ({_verdict(ratio >= want)} >= {want}x)" if want else ""
+    return (f"{head}  hf_torch {hf['ms']:8.1f}  ours {ours['ms']:8.1f}  hf_torch/ours {ratio:.2f}x{target}"
+            f"  (fastest steps: {hf['min_ms']:.1f} / {ours['min_ms']:.1f})")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,15 +187,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=15.0, help="seconds per step above which a path is timed once")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", help="also write every measurement to this file")
+    p.add_argument("--sections", nargs="+", choices=["mamba1", "mamba2"], default=["mamba1", "mamba2"])
+    p.add_argument("--mamba2-configs", nargs="+", choices=list(MAMBA2_CONFIGS))
+    p.add_argument("--mamba2-reps", type=int, default=7, help="alternating steps per path in the Mamba-2 section")
     p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--mamba2-case", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.case:
         print(json.dumps(run_case(*json.loads(a.case))))
+        return
+    if a.mamba2_case:
+        print(json.dumps(run_mamba2_case(*json.loads(a.mamba2_case))))
         return
     configs = a.configs or (["tiny"] if a.quick else list(CONFIGS))
     lengths = a.lengths or ([64, 256] if a.quick else [64, 256, 1024])
     threads_list = a.threads or ([1] if a.quick else [1, 2])
 
+    rows: list[dict] = []
+    if "mamba1" in a.sections:
+        rows += mamba1_section(a, configs, lengths, threads_list)
+    if "mamba2" in a.sections:
+        rows += mamba2_section(a.mamba2_configs or list(MAMBA2_CONFIGS), a.lengths or [64, 256],
+                               a.threads or [1], a.mamba2_reps)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def mamba1_section(a: argparse.Namespace, configs: list[str], lengths: list[int],
+                   threads_list: list[int]) -> list[dict]:
     rows = []
     print(f"batch {BATCH}, fp32, fwd+bwd ms/step (median of {a.reps}); '*' = timed once after the "
           f"warm-up (slower than {a.budget:g} s/step), '-' = skipped (predicted"
@@ -146,9 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(format_row(row, a.paths), flush=True)
     print(summary(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    return rows
 
 
 def predicted_seconds(path: str, last: tuple[int, float] | None, length: int) -> float:

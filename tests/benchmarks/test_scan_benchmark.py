@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from benchmarks.scan import main, model_flops, predicted_seconds, summary
+import json
+
+from benchmarks.scan import format_mamba2_row, main, model_flops, predicted_seconds, summary
 
 
 def test_flop_bound_grows_linearly_with_length():
@@ -24,11 +26,29 @@ def test_summary_flags_a_missed_target():
 
 def test_benchmark_runs_every_path_side_by_side(capsys, tmp_path):
     out = tmp_path / "bench.json"
-    main(["--configs", "tiny", "--lengths", "16", "--threads", "1", "--paths", "ours", "mambapy", "--reps", "1",
-          "--json", str(out)])
+    main(["--sections", "mamba1", "--configs", "tiny", "--lengths", "16", "--threads", "1", "--paths", "ours",
+          "mambapy", "--reps", "1", "--json", str(out)])
     text = capsys.readouterr().out
     assert "tiny L=16" in text and "mambapy/ours" in text and "ours/bound" in text
     assert out.exists()
+
+
+def test_mamba2_section_times_transformers_torch_path_and_ours_side_by_side(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--sections", "mamba2", "--mamba2-configs", "tiny", "--lengths", "16", "--mamba2-reps", "1",
+          "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "Mamba-2" in text and "tiny L=16" in text and "hf_torch/ours" in text
+    (row,) = json.loads(out.read_text())
+    assert row["section"] == "mamba2" and row["hf_torch"]["ms"] > 0 and row["ours"]["ms"] > 0
+
+
+def test_mamba2_row_flags_a_missed_target():
+    row = {"config": "tiny", "L": 256, "threads": 1, "hf_torch": {"ms": 150.0, "min_ms": 140.0},
+           "ours": {"ms": 100.0, "min_ms": 90.0}}
+    assert "hf_torch/ours 1.50x (MISSES >= 2.0x)" in format_mamba2_row(row)
+    row["ours"] = {"ms": 50.0, "min_ms": 45.0}
+    assert "hf_torch/ours 3.00x (meets >= 2.0x)" in format_mamba2_row(row)
 
 
 def test_method_benchmark_prints_every_method_against_full_fine_tuning(capsys):
