@@ -165,3 +165,13 @@ def test_the_fast_scans_install_the_projects_mamba2_mixer_where_it_covers_the_ar
 def test_an_unknown_scan_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="model.scan: 'fast' is not one of auto, compiled, torch, mambapy, hf_loop"):
         load_base_model(str(write_fixture("mamba2", tmp_path)), scan="fast")
+
+
+def test_the_fixture_command_writes_a_checkpoint_the_loader_takes(tmp_path, capsys):
+    from trials.models.loading import main
+
+    main(["--write-fixture", "nemotron_h", str(tmp_path / "nh")])
+    assert f"model.checkpoint: {tmp_path / 'nh'}" in capsys.readouterr().out
+    assert type(load_base_model(str(tmp_path / "nh"))).__name__ == "NemotronHForCausalLM"
+    with pytest.raises(ValueError, match="--write-fixture: 'zamba2' is not one of mamba, mamba2, bamba"):
+        main(["--write-fixture", "zamba2", str(tmp_path / "z")])

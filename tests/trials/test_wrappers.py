@@ -101,3 +101,23 @@ def test_on_mamba1_the_wrapper_reads_the_backbone_prompt_tuning_is_installed_on(
     with torch.no_grad():
         LanguageModel(lm).hidden(ids, lengths)
     assert seen[0].tolist() == (torch.arange(10)[None, :] < lengths[:, None]).long().tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_on_cuda_pooling_and_continuations_accept_lengths_from_the_cpu_and_match_it(arch):
+    """The batch's lengths may stay on the CPU while the model is on the GPU (the mean-pooling mask was built on
+    lengths' device, and so failed on a GPU)."""
+    lm = tiny_model(arch).eval()
+    ids, lengths = batch(lm.config.vocab_size)
+    starts = torch.tensor([4, 2, 1])
+    with torch.no_grad():
+        want = {p: SequenceClassifier(lm, 2, p).pooled(ids, lengths) for p in ("last", "mean")}
+        want_lp, _ = LanguageModel(lm).continuation_logprobs(ids, lengths, starts)
+        lm.cuda()
+        for pooling in ("last", "mean"):
+            got = SequenceClassifier(lm, 2, pooling).pooled(ids.cuda(), lengths)  # lengths on the CPU
+            torch.testing.assert_close(got.cpu(), want[pooling], rtol=1e-4, atol=1e-4)
+        got_lp, _ = LanguageModel(lm).continuation_logprobs(ids.cuda(), lengths, starts)
+    torch.testing.assert_close(got_lp.cpu(), want_lp, rtol=1e-4, atol=1e-3)
