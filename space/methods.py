@@ -245,6 +245,9 @@ METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {
     "lora_mlp_gate": _LORA,
     "lora_mlp_up": _LORA,
     "lora_mlp_down": _LORA,
+    "lora_moe_gate": _LORA,  # MoE hybrids (Granite 4.0): per-expert LoRA on the fused experts' gate rows
+    "lora_moe_up": _LORA,
+    "lora_moe_down": _LORA,
     "prodial_in_proj": (ProdialSpace, ProdialConfig),
     "prodial_out_proj": (ProdialSpace, ProdialConfig),
     "a_log_delta": _DELTA,  # A-tuning

@@ -57,11 +57,12 @@ def tiny_bamba() -> BambaForCausalLM:
 
 
 def tiny_granite() -> GraniteMoeHybridForCausalLM:
-    # The same shape plus Granite's shared MLP (input_linear = gate | up) and two MoE experts.
+    # The same shape plus Granite's shared MLP (input_linear = gate | up) and two MoE experts, both used by every
+    # token (so each expert's adapter gets a gradient from any batch).
     return GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(
         vocab_size=40, hidden_size=32, num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "attention"],
         num_attention_heads=4, num_key_value_heads=2, intermediate_size=24, shared_intermediate_size=48,
-        num_local_experts=2, num_experts_per_tok=1, mamba_n_heads=16, mamba_d_head=4, mamba_n_groups=1,
+        num_local_experts=2, num_experts_per_tok=2, mamba_n_heads=16, mamba_d_head=4, mamba_n_groups=1,
         mamba_d_state=16, mamba_chunk_size=8, mamba_expand=2, initializer_range=0.25))
 
 
@@ -253,6 +254,16 @@ def test_granite_gate_and_up_adapt_their_halves_of_the_fused_input_linear():
     perturb(apply_methods(lm, {"lora_mlp_up": LoraConfig(rank=2)}))
     changed = ((linear.weight.detach() - before).abs().sum(dim=1) > 0).nonzero().squeeze(1).tolist()
     assert changed == list(range(48, 96))
+
+
+def test_moe_lora_gives_each_expert_its_own_delta_on_its_rows():
+    lm = build("granitemoehybrid")
+    experts = lm.model.layers[0].block_sparse_moe.experts
+    before = experts.gate_up_proj.detach().clone()  # [2, 2F, D], gate | up per expert
+    perturb(apply_methods(lm, {"lora_moe_gate": LoraConfig(rank=2)}))
+    delta = experts.gate_up_proj.detach() - before
+    assert delta[:, 24:].abs().max() == 0 and delta[0, :24].abs().min() > 0 and delta[1, :24].abs().min() > 0
+    assert (delta[0, :24] - delta[1, :24]).abs().max() > 0  # one delta per expert, not a shared one
 
 
 def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():

@@ -3,7 +3,8 @@ output rows (Yoshimura et al. 2025: LoRA_p(X), LoRA_p(Z) on in_proj; LoRA_p(d), 
 x_proj, which on Mamba-2 are the b, c and dt blocks of in_proj: ``lora_in_proj_b`` / ``_c`` / ``_dt``). The blocks
 are the mixer kind's (``trials.models``): Mamba-1 in_proj = x | z, x_proj = dt | B | C; Mamba-2 in_proj =
 z | x | B | C | dt. A target the kind lacks (x_proj or dt_proj on Mamba-2) is refused with the counterpart to use.
-On hybrids, LoRA on the attention (q, k, v, o) and MLP (gate, up, down) projections too.
+On hybrids, LoRA on the attention (q, k, v, o) and MLP (gate, up, down) projections too, and on MoE experts
+stored as one fused tensor, one delta per expert (``lora_moe_gate`` / ``_up`` / ``_down``).
 
 W' = W + scale * pad(B A) with A [r, in] Kaiming-uniform (as ``nn.Linear`` initialises) and B [rows, r] zeros,
 padded with zero rows outside the targeted block, so the model is unchanged at init. The delta is applied as a
@@ -213,6 +214,71 @@ class SideLora:
         return params
 
 
+class ExpertLoraDelta(nn.Module):
+    """Parametrisation W -> W + scale * B_e A_e per expert of a fused [experts, out, in] weight, on output rows
+    [start, stop) of each expert; with ``dora_init``, DoRA per expert and output row (as ``LoraDelta``)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float, start: int, stop: int, dora: bool) -> None:
+        super().__init__()
+        n, out_f, in_f = weight.shape
+        self.scale, self.start, self.stop = scale, start, stop
+        self.pad = (0, 0, start, out_f - stop)
+        self.lora_A = nn.Parameter(torch.empty(n, rank, in_f))  # [n, r, in]
+        self.lora_B = nn.Parameter(torch.zeros(n, stop - start, rank))  # [n, rows, r]
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.magnitude: nn.Parameter | None = None
+        if dora:
+            self.magnitude = nn.Parameter(weight.detach()[:, start:stop].float().norm(dim=2))  # [n, rows]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.scale * (self.lora_B @ self.lora_A)  # [n, rows, in]
+        if self.magnitude is None:
+            return weight + F.pad(delta, self.pad).to(weight.dtype)  # [n, out, in]
+        rows = weight[:, self.start : self.stop] + delta.to(weight.dtype)  # [n, rows, in]
+        rows = rows * (self.magnitude / rows.norm(dim=2).detach()).to(weight.dtype)[..., None]
+        return torch.cat([weight[:, : self.start], rows, weight[:, self.stop :]], dim=1)  # [n, out, in]
+
+
+class ExpertLora:
+    """LoRA on each MoE expert's projection where the experts are stored as one fused tensor per layer (Granite
+    4.0's ``experts.gate_up_proj`` / ``down_proj``): one low-rank delta per expert, through ``parametrize``, so
+    whichever experts kernel runs reads the adapted tensor. No dropout (the tensor is read, not called)."""
+
+    mergeable = True
+
+    def __init__(self, name: str, target: str) -> None:
+        self.name, self.target = name, target
+
+    def refusal(self, arch: Architecture) -> str | None:
+        return None if arch.moe else f"{arch.model_type} has no MoE experts ({self.target} exists on MoE hybrids only)"
+
+    def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
+        t = dims.side_target(self.target)
+        if t is None:
+            return 0
+        start, stop = t.rows or (0, t.out_features)
+        return t.count * t.experts * (cfg.rank * (t.in_features + stop - start) + (stop - start if cfg.dora else 0))
+
+    def apply(self, lm: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
+        from trials.models.hybrid import expert_tensors
+
+        found = expert_tensors(lm, self.target)
+        if not found:
+            raise MethodError(f"{self.name}: {type(lm).__name__} has no MoE experts (num_local_experts is 0?)")
+        params = []
+        for path, module, attr, (start, stop) in found:
+            check_dropout(self.name, f"{path}.{attr}", False, cfg)
+            weight = getattr(module, attr)
+            if cfg.rank > min(stop - start, weight.shape[2]):
+                raise MethodError(f"rank {cfg.rank} exceeds the adapted block's smaller side "
+                                  f"{min(stop - start, weight.shape[2])} ({self.name}: {path}.{attr})")
+            delta = ExpertLoraDelta(weight, cfg.rank, cfg.effective_scale, start, stop, cfg.dora).to(weight.device)
+            parametrize.register_parametrization(module, attr, delta)
+            params += [delta.lora_A, delta.lora_B] + ([delta.magnitude] if delta.magnitude is not None else [])
+        return params
+
+
 class EmbeddingLora:
     """LoRA on ``backbone.embeddings.weight`` [V, D] (model-level): W' = W + s B A with B [V, r] ~ N(0, 1) and
     A [r, D] zero (MambaPEFT's ``EmbedAdapter``), so every token's row moves through the shared A. When
@@ -271,7 +337,7 @@ _DT = ": on Mamba-2 dt is per head, a block of in_proj (use lora_in_proj_dt; dt_
 _M2 = ": on Mamba-1 in_proj holds x and z only, and B, C and dt come from x_proj (use lora_x_proj_{})"
 
 
-def _lora_methods() -> list[Lora | EmbeddingLora | LoraPreset | SideLora]:
+def _lora_methods() -> list[Lora | EmbeddingLora | LoraPreset | SideLora | ExpertLora]:
     in_proj, out_proj = Lora("lora_in_proj", "in_proj"), Lora("lora_out_proj", "out_proj")
     x_proj, embeddings = Lora("lora_x_proj", "x_proj", instead=_M1), EmbeddingLora()
     return [
@@ -293,6 +359,7 @@ def _lora_methods() -> list[Lora | EmbeddingLora | LoraPreset | SideLora]:
         LoraPreset("lora_halloran", [in_proj, out_proj, x_proj, embeddings]),
         *(SideLora(f"lora_{t}", t) for t in ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up",
                                               "mlp_down")),
+        *(ExpertLora(f"lora_{t}", t) for t in ("moe_gate", "moe_up", "moe_down")),
     ]
 
 

@@ -6,7 +6,8 @@ MLPs, whose linear projections are targets too.
 - Granite 4.0 hybrids (``GraniteMoeHybridForCausalLM``): attention ``self_attn.{q,k,v,o}_proj``; a shared MLP
   ``shared_mlp.input_linear`` [2F, D] = gate | up (fused: rows [0, F) gate, [F, 2F) up) and ``output_linear``
   (down); with ``num_local_experts > 0`` also MoE experts stored as one fused tensor per layer
-  (``block_sparse_moe.experts.gate_up_proj`` [n, 2F', D]), which no method adapts (refused by name).
+  (``block_sparse_moe.experts.gate_up_proj`` [n, 2F', D] = gate | up per expert, ``down_proj`` [n, D, F']),
+  adapted per expert through ``parametrize`` (``moe_gate``, ``moe_up``, ``moe_down``).
 
 A side target is found by the suffix of its module path, so it is the same search on every hybrid.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from trials.models.interface import Architecture, ModelDims, SideTarget, register_architecture
@@ -33,6 +35,13 @@ SIDE_SITES: dict[str, tuple[str, ...]] = {
     "mlp_down": ("feed_forward.down_proj", "shared_mlp.output_linear"),
 }
 FUSED_GATE_UP = "shared_mlp.input_linear"
+# MoE experts stored as one fused parameter per layer (Granite's ``experts.gate_up_proj`` [n, 2F, D] = gate | up
+# per expert, ``experts.down_proj`` [n, D, F]): (parameter name, which half of the rows, or None for all).
+EXPERT_SITES: dict[str, tuple[str, int | None]] = {
+    "moe_gate": ("gate_up_proj", 0),
+    "moe_up": ("gate_up_proj", 1),
+    "moe_down": ("down_proj", None),
+}
 
 
 def side_modules(lm: nn.Module, target: str) -> list[tuple[str, nn.Linear, tuple[int, int]]]:
@@ -49,6 +58,18 @@ def side_modules(lm: nn.Module, target: str) -> list[tuple[str, nn.Linear, tuple
     return out
 
 
+def expert_tensors(lm: nn.Module, target: str) -> list[tuple[str, nn.Module, str, tuple[int, int]]]:
+    """Every (module path, experts module, parameter name, adapted rows) of MoE target ``target`` in ``lm``."""
+    attr, half = EXPERT_SITES[target]
+    out = []
+    for path, module in lm.named_modules():
+        if path.endswith("experts") and isinstance(getattr(module, attr, None), torch.Tensor):
+            rows = getattr(module, attr).shape[1]
+            block = (0, rows) if half is None else (half * rows // 2, (half + 1) * rows // 2)
+            out.append((path, module, attr, block))
+    return out
+
+
 def side_targets(lm: nn.Module) -> tuple[SideTarget, ...]:
     out = []
     for name in SIDE_SITES:
@@ -56,6 +77,12 @@ def side_targets(lm: nn.Module) -> tuple[SideTarget, ...]:
         if found:
             _, first, rows = found[0]
             out.append(SideTarget(name, first.in_features, first.out_features, len(found), rows))
+    for name in EXPERT_SITES:
+        experts = expert_tensors(lm, name)
+        if experts:
+            _, module, attr, rows = experts[0]
+            n, out_f, in_f = getattr(module, attr).shape
+            out.append(SideTarget(name, in_f, out_f, len(experts), rows, experts=n))
     return tuple(out)
 
 

@@ -118,14 +118,16 @@ class MixerSpec:
 
 @dataclass(frozen=True)
 class SideTarget:
-    """A linear layer outside the SSM mixers that methods may adapt (a hybrid's attention or MLP projection):
-    ``count`` layers of this name, each [out_features, in_features], at module paths ending in ``suffix``."""
+    """A linear layer outside the SSM mixers that methods may adapt (a hybrid's attention, MLP or MoE expert
+    projection): ``count`` layers have it, each [out_features, in_features] (``experts`` of them per layer where
+    the experts are stored as one fused [experts, out, in] tensor)."""
 
-    name: str  # the method-facing name: attn_q, mlp_up, ...
+    name: str  # the method-facing name: attn_q, mlp_up, moe_down, ...
     in_features: int
     out_features: int
     count: int
     rows: tuple[int, int] | None = None  # a block of a fused weight's output rows (Granite's gate | up)
+    experts: int = 1
 
 
 @dataclass(frozen=True)
