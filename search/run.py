@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from search.faults import failure_report
 from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space
 from space.metrics import WORST, size_metric, test_metric
 from space.secrets import mask
@@ -44,12 +45,33 @@ TABLE_WIDTH = 120
 
 
 def trainable(config: dict[str, Any]) -> None:
-    """One Ray Tune trial: the validated TrialConfig the searcher built, trained with reports to Tune."""
+    """One Ray Tune trial: the validated TrialConfig the searcher built, trained with reports to Tune.
+
+    An error of the trial's own becomes its last report rather than a Ray error (``search.faults``): Ray then
+    starts a trial again only when the process running it died, which is worth retrying."""
     from ray import tune
 
     from trials.run import run_trial
 
-    run_trial(TrialConfig.model_validate_json(config["trial"]), report=tune.report)
+    try:
+        run_trial(TrialConfig.model_validate_json(config["trial"]), report=tune.report)
+    except Exception as exc:  # noqa: BLE001 - every error of the trial's own is recorded, none ends the search
+        tune.report(failure_report(exc))
+
+
+def log_ray_tune(path: Path) -> None:
+    """Ray Tune's own log (a trial's Ray error with its traceback, restarts) goes to ``path``, not the terminal,
+    where the search prints one line per failure or restart itself."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("ray.tune")
+    for handler in [h for h in logger.handlers if getattr(h, "mps_search_log", False)]:
+        logger.removeHandler(handler)  # an earlier search of this process
+        handler.close()
+    handler = logging.FileHandler(path)
+    handler.mps_search_log = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def trial_resources(space: SearchSpace) -> dict[str, float]:
@@ -354,8 +376,10 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
              ignore_reinit_error=True, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     local_ray.record()  # at once: a driver killed from here on leaves these for --resume to end
+    log_ray_tune(results_dir / "ray" / f"{run_name}.log")
 
-    @ray.remote(num_cpus=0)
+    # Every proposal's size is asked of this actor: it is started again (on a node still alive) if its node is lost.
+    @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)
     class ProbeActor:
         """The closed-form sizes, in a worker process: the driver imports no torch."""
 
@@ -377,7 +401,11 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
         def trainable(self, cfg: TrialConfig) -> int:
             return int(ray.get(self.actor.trainable.remote(cfg)))
 
-    actor = ProbeActor.remote(space.model, space.task)  # type: ignore[attr-defined]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's own node when it is a Ray node (soft: anywhere else otherwise), which a search outlives least.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ProbeActor.options(scheduling_strategy=here).remote(space.model, space.task)  # type: ignore[attr-defined]
     try:
         info = ray.get(actor.info.remote())
     except RayTaskError as exc:  # the checkpoint or the task cannot be opened: nothing has started
@@ -432,7 +460,8 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
                                         num_samples=s.num_trials + s.reevaluate.top * s.reevaluate.seeds
                                         + len(s.baselines) + reruns + 1),
             run_config=tune.RunConfig(name=experiment, storage_path=str(results_dir / "ray"), verbose=0,
-                                      callbacks=[callback], failure_config=tune.FailureConfig(max_failures=0)),
+                                      callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=s.max_restarts)),
         )
         tuner.fit()
         # Ray catches Ctrl-C (and SIGTERM, passed on as SIGINT) itself and returns from fit(): a search whose

@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from search.faults import error_reason, error_text
+from search.faults import FAILED, error_reason, error_text
 from search.hypervolume import search_hypervolume
 from search.pruners import RUNG_ATTR, SIZE_ATTR, make_pruner, record_rung
 from space.config import PRUNER_OPTIONS, SearchSpace, TrialConfig, baseline_trial, dimensions, sample_trial
@@ -479,6 +479,9 @@ class PeftSearcher(Searcher):
         live = self.live.pop(trial_id, None)
         if live is None:
             return
+        if result is not None and FAILED in result:  # the trial's own code raised (search.faults)
+            error = True
+            self.errors[trial_id] = str(result[FAILED])
         finished = bool(result and result.get(FINISHED))
         steps = self.max_steps if finished else live.last_step
         self.steps_trained += steps

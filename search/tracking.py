@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ray.tune import Callback
 
-from search.faults import ERROR_ARTIFACT, error_reason, error_text
+from search.faults import ERROR_ARTIFACT, FAILED, TRACEBACK, error_reason, error_text
 from search.results import CONFIG_ARTIFACT
 from space.config import SearchSpace, TrialConfig
 from space.metrics import METRICS, kind, test_metric
@@ -203,7 +203,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None:
+        if run_id is None or FAILED in result:  # a failure report is recorded when the trial completes
             return
         step = int(result.get("step", result.get("training_iteration", 0)))
         metrics = [_metric(k, result[k], step) for k in CURVE_KEYS if _finite(result.get(k))]
@@ -218,6 +218,9 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
+        if FAILED in last:  # the trial's own code raised: its report holds the reason and the traceback
+            self._failed(trial, str(last[FAILED]), str(last.get(TRACEBACK, last[FAILED])))
+            return
         status = "finished" if last.get(FINISHED) else (
             self.searcher.state_of(trial.trial_id) if self.searcher is not None else "interrupted")
         self._end(trial, status, "FINISHED")
@@ -232,8 +235,21 @@ class MlflowTrialCallback(Callback):
             self.echo(f"{label} {status:<9} at step {last.get('step', '?')} ({self.quality} {q:.3f})")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        """Ray's own error for the trial: its process died more often than ``search.max_restarts`` allows."""
         message = error_text(trial)
-        reason = error_reason(message)
+        self._failed(trial, error_reason(message), message)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        """The process running the trial died (a lost node, a killed worker): Ray starts it again from its start."""
+        reason = error_reason(error_text(trial))
+        self.echo(f"{self._label(self.numbers.get(trial.trial_id, 0), self._phase(trial))} restarted "
+                  f"{self.summaries.get(trial.trial_id, '')}: its worker was lost ({reason}); trained again from the "
+                  f"start (restart {trial.run_metadata.num_failures} of {self.space.search.max_restarts})")
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is not None:
+            self._client().set_tag(run_id, "mps.restarts", str(trial.run_metadata.num_failures))
+
+    def _failed(self, trial, reason: str, message: str) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         where = ""
         if run_id is not None:

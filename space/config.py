@@ -408,6 +408,9 @@ class SearchSpec(Strict):
     # num_trials (0.25). None: never (each failure is recorded and the search goes on).
     max_failures: Annotated[int | float | None, BeforeValidator(_failure_limit)] = None
     max_trainable: Annotated[int | str | None, BeforeValidator(_trainable_limit)] = None  # count or "2%"
+    # Times a trial is started again from its start when the process running it dies (a lost node, a killed
+    # worker), on any node still alive; an error of the trial's own (NaN loss, out of memory) is never retried.
+    max_restarts: int = Field(default=2, ge=0)
     # Configurations evaluated first, as sampled parameter names and values (``python -m search.run --dry-run``
     # lists the names), e.g. {lora_in_proj.enabled: true, lora_in_proj.rank: 8, training.learning_rate: 0.005}.
     enqueue: list[dict[str, Any]] = Field(default_factory=list)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +109,66 @@ def test_a_search_joins_a_two_node_cluster_and_its_trials_run_on_both_nodes(two_
     df = results.trials(c, "mamba-peft-search", info["run_id"])
     assert len(df[df.phase != results.REEVALUATE]) == trials
     assert len(optuna.load_study(study_name="cluster", storage=optuna_url).trials) == trials
+
+
+LONG_TRIALS = """
+name: lost-node
+model: {{checkpoint: embedded}}
+task: {{name: digits, shots_per_class: 4}}
+methods: {{lora_in_proj: {{enabled: true, rank: {{choices: [1, 2, 4]}}}}}}
+training: {{budget: {{rungs: [400], max_steps: 400}}, batch_size: 8,
+           learning_rate: {{low: 0.001, high: 0.01, log: true}}}}
+search: {{num_trials: 3, concurrency: 2, cpus_per_trial: 1, pruner: none, reevaluate: {{top: 0}},
+          results_dir: {results}, optuna_storage: {optuna}, study_name: lost-node}}
+tracking: {{uri: '{mlflow}'}}
+"""
+
+
+def raylet_of(gcs_port: int, node_ip: str) -> psutil.Process:
+    (raylet,) = [p for p in cluster_processes(gcs_port) if "raylet" in p.name()
+                 and f"--node_ip_address={node_ip}" in " ".join(p.cmdline())]
+    return raylet
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(900)
+def test_a_trial_whose_node_is_lost_runs_again_on_a_live_node_and_the_search_finishes(two_nodes, tmp_path,
+                                                                                       postgres_stores):
+    optuna_url, mlflow_url = postgres_stores
+    space = tmp_path / "space.yaml"
+    space.write_text(LONG_TRIALS.format(results=tmp_path / "runs", optuna=optuna_url, mlflow=mlflow_url))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-m", "search.run", str(space), "--address", two_nodes], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(driver.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while sum(" start " in line for line in lines) < 2:  # one trial on each node (one CPU each)
+            assert driver.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        time.sleep(3)
+        raylet_of(int(two_nodes.rsplit(":", 1)[1]), "127.0.0.2").kill()  # the second node is lost mid-trial
+        assert driver.wait(timeout=600) == 0, "".join(lines)
+    finally:
+        driver.kill()
+        reader.join(timeout=10)
+    out = "".join(lines)
+    restarted = [line for line in out.splitlines() if " restarted " in line]
+    assert len(restarted) == 1 and "its worker was lost" in restarted[0], out
+    assert "] failed " not in out and " failed:" not in out, out  # nor the probe actor it also lost
+    assert "Traceback" not in out, out  # Ray Tune's own goes to its log file
+
+    c = results.client(mlflow_url)
+    info = results.latest_search(c, "mamba-peft-search")
+    assert info["status"] == results.STATUS_FINISHED
+    df = results.trials(c, "mamba-peft-search", info["run_id"])
+    assert sorted(df.status) == ["finished"] * 3, df
+    assert sorted(c.get_run(r).data.tags.get("mps.restarts", "0") for r in df.run_id) == ["0", "0", "1"]
+    states = [t.state.name for t in optuna.load_study(study_name="lost-node", storage=optuna_url).trials]
+    assert states == ["COMPLETE"] * 3
 
 
 def test_ending_a_cluster_ends_its_processes_and_leaves_other_clusters_alone():

@@ -64,3 +64,49 @@ def test_a_failed_trial_gets_one_line_a_tag_an_error_artifact_and_its_reason_in_
     assert run.info.status == "FAILED"
     logged = MlflowClient(uri).download_artifacts(run_id, ERROR_ARTIFACT, str(tmp_path / "dl"))
     assert open(logged).read() == RAY_TRACEBACK
+
+
+def test_an_error_of_the_trial_s_own_is_its_last_report_not_a_ray_error(monkeypatch):
+    """Ray must not restart a trial whose own code raised (it would fail again): trainable reports the error."""
+    from ray import tune
+
+    import trials.run
+    from search.faults import FAILED, TRACEBACK
+    from search.run import trainable
+
+    def diverges(cfg, report):
+        raise FloatingPointError("loss is nan at step 7 (learning rate too high?)")
+
+    reports: list[dict] = []
+    monkeypatch.setattr(trials.run, "run_trial", diverges)
+    monkeypatch.setattr(tune, "report", reports.append)
+    from space.config import ModelSpec, TaskSpec, TrialConfig
+
+    cfg = TrialConfig(model=ModelSpec(checkpoint="embedded"), task=TaskSpec(name="digits"))
+    trainable({"trial": cfg.model_dump_json()})
+    (report,) = reports
+    assert report[FAILED] == "FloatingPointError: loss is nan at step 7 (learning rate too high?)"
+    assert "Traceback" in report[TRACEBACK] and "in diverges" in report[TRACEBACK]
+
+
+def test_a_failure_report_gets_one_line_a_tag_and_the_traceback_when_the_trial_completes(tmp_path):
+    from search.faults import FAILED, TRACEBACK
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = SearchSpace.model_validate({"search": {"num_trials": 4}})
+    search = SearchRun(uri, "exp", tmp_path / "artifacts", "s", space, "")
+    lines: list[str] = []
+    callback = MlflowTrialCallback(search, space, echo=lines.append)
+    report = {FAILED: "torch.OutOfMemoryError: CUDA out of memory", TRACEBACK: "Traceback ...\nthe whole text\n"}
+    trial = SimpleNamespace(trial_id="t1", config={"phase": "search"}, last_result=report)
+    run_id = callback.search.client.create_run(search.experiment_id, run_name="trial-001").info.run_id
+    callback.run_ids["t1"], callback.numbers["t1"] = run_id, 1
+    callback.on_trial_result(0, [], trial, report)
+    assert lines == []  # said once, when the trial completes
+    callback.on_trial_complete(0, [], trial)
+    assert lines == [f"[  1/4] failed    torch.OutOfMemoryError: CUDA out of memory (traceback: {ERROR_ARTIFACT} of "
+                     f"MLflow run {run_id})"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.tags["mps.status"] == "failed" and run.info.status == "FAILED"
+    logged = MlflowClient(uri).download_artifacts(run_id, ERROR_ARTIFACT, str(tmp_path / "dl"))
+    assert open(logged).read() == report[TRACEBACK]
