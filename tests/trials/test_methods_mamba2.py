@@ -210,7 +210,6 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
     ("mamba", "lora_mlp_up", "mamba has no MLP layers"),
     ("mamba2", "sdt", "not implemented yet"),
     ("bamba", "additional_scan", "no Mamba-2 forward here implements"),
-    ("granitemoehybrid", "prompt_tuning", "not implemented on hybrids"),
     ("jamba", "lora_in_proj", "model_type 'jamba' is not supported"),
 ])
 def test_unsupported_combinations_are_refused_with_the_reason(model_type, method, reason):
@@ -264,6 +263,34 @@ def test_moe_lora_gives_each_expert_its_own_delta_on_its_rows():
     delta = experts.gate_up_proj.detach() - before
     assert delta[:, 24:].abs().max() == 0 and delta[0, :24].abs().min() > 0 and delta[1, :24].abs().min() > 0
     assert (delta[0, :24] - delta[1, :24]).abs().max() > 0  # one delta per expert, not a shared one
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "granitemoehybrid"])
+@pytest.mark.parametrize("position", ["prefix", "suffix", "prefix_suffix"])
+def test_prompt_outputs_do_not_depend_on_right_or_left_padding(arch, position):
+    lm = build(arch)
+    perturb(apply_methods(lm, {"prompt_tuning": PromptConfig(tokens=2, position=position)}))
+    ids = torch.randint(3, 40, (1, 7), generator=torch.Generator().manual_seed(2))
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        alone = lm(ids, use_cache=False).logits[0]  # [7, V]
+        right = lm(torch.cat([ids, pad], 1), attention_mask=torch.tensor([[1] * 7 + [0] * 3]),
+                   use_cache=False).logits[0, :7]
+        left = lm(torch.cat([pad, ids], 1), attention_mask=torch.tensor([[0] * 3 + [1] * 7]),
+                  use_cache=False).logits[0, 3:]
+    torch.testing.assert_close(right, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "granitemoehybrid"])
+def test_a_prefix_prompt_generates_the_same_tokens_with_and_without_the_cache(arch):
+    lm = build(arch)
+    perturb(apply_methods(lm, {"prompt_tuning": PromptConfig(tokens=2)}))
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cached = lm.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = lm.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    assert cached.tolist() == uncached.tolist()
 
 
 def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():

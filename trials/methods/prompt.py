@@ -9,7 +9,9 @@ position. With ``projection`` the tokens pass through Linear(D, D) -> Tanh -> Li
 real tokens (MambaPEFT uses N(0, 1)). Model-level count n D (x2 for prefix_suffix), + 2 D^2 + 2 D with the
 projection. Not mergeable.
 
-It runs as forward hooks of the base model (transformers' ``MambaModel`` or ``Mamba2Model``), so
+On hybrids the attention layers see the prompt too: positions are recounted over the new layout, and a decoding
+step's positions and mask are shifted by the cached prefix. It runs as forward hooks of the base model
+(transformers' ``MambaModel``, ``Mamba2Model``, ``BambaModel``, ...), so
 ``lm(input_ids)``, ``generate`` and any execution path see it. An ``attention_mask`` marks the real tokens (left
 or right padding); the re-laid-out sequence is right-padded. During cached generation a prefix goes in once, at
 the prefill call; a suffix cannot be cached (it must follow the newest token at every step), so a decoding step
@@ -27,7 +29,7 @@ from torch import nn
 from space.methods import PromptConfig
 from trials.methods.base import mixers
 from trials.mixer import CACHE_KWARGS
-from trials.models.interface import Architecture, ModelDims
+from trials.models.interface import Architecture, ModelDims, architecture
 
 ATTRIBUTE = "prompt_tuning"  # the backbone attribute holding the prompt module (merge refuses it)
 
@@ -85,7 +87,8 @@ def _decoding(cache: Any) -> bool:
         return False
 
 
-def _install_hooks(backbone: nn.Module, prompt: PromptTokens) -> None:
+def _install_hooks(backbone: nn.Module, prompt: PromptTokens, attention: bool) -> None:
+    """``attention``: the model has attention layers (a hybrid), whose positions and masks count the prompt."""
     names = list(inspect.signature(backbone.forward).parameters)
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -97,7 +100,16 @@ def _install_hooks(backbone: nn.Module, prompt: PromptTokens) -> None:
                 raise RuntimeError("prompt_tuning with a suffix cannot decode from a generation cache (the suffix "
                                    "must follow the newest token): generate with use_cache=False")
             prompt._layout = None
-            return args, kwargs
+            if not attention or not prompt.prefix:
+                return args, kwargs
+            # The cache holds the prefix before the real tokens: a decoding step's positions and mask (counted by
+            # generate over the real tokens) shift by its length.
+            if bound.get("position_ids") is not None:
+                bound["position_ids"] = bound["position_ids"] + prompt.prefix
+            mask = bound.get("attention_mask")
+            if mask is not None:
+                bound["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], prompt.prefix), mask], dim=1)
+            return (), bound
         embeds = bound.get("inputs_embeds")
         if embeds is None:
             embeds = module.get_input_embeddings()(bound["input_ids"])  # type: ignore[operator]
@@ -107,6 +119,8 @@ def _install_hooks(backbone: nn.Module, prompt: PromptTokens) -> None:
         new, new_mask = prompt.insert(embeds, mask)
         bound.update(input_ids=None, inputs_embeds=new,
                      attention_mask=None if bool(new_mask.all()) else new_mask)
+        if bound.get("position_ids") is not None:  # counted over the inputs; the model recounts over the new layout
+            bound["position_ids"] = None
         return (), bound
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -134,10 +148,7 @@ class PromptTuning:
         return (cfg.tokens if cfg.position != "suffix" else 0, cfg.tokens if cfg.position != "prefix" else 0)
 
     def refusal(self, arch: Architecture) -> str | None:
-        if not arch.attention:
-            return None
-        return ("not implemented on hybrids yet: inserted positions would also need the attention layers' position "
-                "ids and the hybrid generation cache handled")
+        return None
 
     def count(self, cfg: PromptConfig, dims: ModelDims) -> int:
         prefix, suffix = self.sites(cfg)
@@ -151,7 +162,7 @@ class PromptTuning:
         rows = torch.randint(0, table.shape[0], (prefix + suffix,))
         prompt = PromptTokens(table.detach()[rows.to(table.device)].float(), prefix, suffix, cfg.projection)
         setattr(backbone, ATTRIBUTE, prompt.to(table.device))
-        _install_hooks(backbone, prompt)
+        _install_hooks(backbone, prompt, architecture(lm).attention)
         return list(prompt.parameters())
 
 
