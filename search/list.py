@@ -25,7 +25,9 @@ def table(c, experiment: str) -> pd.DataFrame:
         run = c.get_run(s.run_id)
         df = results.trials(c, experiment, s.run_id)
         counts = df.status.value_counts().to_dict() if not df.empty else {}
-        end = pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else None
+        # A resumed search's run is RUNNING again but keeps the end time its stopped driver left.
+        ended = run.info.end_time if run.info.status != "RUNNING" else None
+        end = pd.to_datetime(ended, unit="ms") if ended else None
         rows.append({"search": s.run_id, "name": s["name"], "state": s.status or "running",
                      "trials": len(df), **{state: int(counts.get(state, 0)) for state in TRIAL_STATES},
                      "started": s.start_time.strftime("%Y-%m-%d %H:%M"),

@@ -59,6 +59,13 @@ def trainable(config: dict[str, Any]) -> None:
         tune.report(failure_report(exc))
 
 
+def worker_niceness() -> None:
+    """Trials of the local Ray this driver starts run at the priority of any other process (niceness 0), not Ray's
+    default of 15, at which any busy process on the machine (an editor, a build) takes their CPU. A value the
+    user set (``RAY_worker_niceness``) is kept; a cluster joined with ``--address`` keeps what it was started with."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def log_ray_tune(path: Path) -> None:
     """Ray Tune's own log (a trial's Ray error with its traceback, restarts) goes to ``path``, not the terminal,
     where the search prints one line per failure or restart itself."""
@@ -372,6 +379,8 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     if unreachable is not None:  # ray.init would retry for minutes, printing connection warnings
         notice(f"error: {unreachable}")
         return EXIT_BAD_INPUT
+    if space.search.address is None:
+        worker_niceness()
     ray.init(address=space.search.address, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})

@@ -36,3 +36,20 @@ def test_a_missing_store_is_an_error_naming_it(tmp_path, capsys):
     assert main(["--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     assert "no MLflow store at" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_resumed_search_that_runs_again_shows_no_end_time(tmp_path, capsys):
+    from search.tracking import SearchRun
+    from space.config import SearchSpace
+
+    uri = _store(tmp_path)
+    c = MlflowClient(uri)
+    (stopped,) = [r for r in c.search_runs([c.get_experiment_by_name("mamba-peft-search").experiment_id])
+                  if r.info.run_name == "new"]
+    SearchRun(uri, "mamba-peft-search", tmp_path / "a", "new", SearchSpace.model_validate({}), "",
+              resume_id=stopped.info.run_id)  # what --resume does to the stopped search's run
+    assert main(["--tracking-uri", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    new = dict(zip(header, lines[1].split(), strict=False))
+    assert new["name"] == "new" and new["state"] == "running" and lines[1].rstrip().endswith("-")

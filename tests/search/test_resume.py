@@ -161,6 +161,9 @@ def test_a_killed_search_resumes_without_losing_or_repeating_a_trial_and_leaves_
     driver = _start([str(space)])
     # Killed while a trial trains, after at least one trial ended.
     _, procs = _run_until(driver, " step ", after=" finished ")
+    # Trials run at the driver's priority, not Ray's default niceness 15 (search.run.worker_niceness).
+    workers = [p for p in procs if "ImplicitFunc" in " ".join(p.cmdline())]
+    assert workers and {p.nice() for p in workers} == {psutil.Process(driver.pid).nice()}
     driver.kill()
     driver.wait(timeout=30)
     c, info, trial_runs = _store(tmp_path / "runs")
