@@ -209,7 +209,7 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
     ("mamba2", "lora_attn_q", "mamba2 has no attention layers"),
     ("mamba", "lora_mlp_up", "mamba has no MLP layers"),
     ("mamba2", "sdt", "not implemented yet"),
-    ("bamba", "additional_scan", "no Mamba-2 forward here implements"),
+    ("bamba", "additional_scan", "not implemented on Mamba-2 yet"),
     ("jamba", "lora_in_proj", "model_type 'jamba' is not supported"),
 ])
 def test_unsupported_combinations_are_refused_with_the_reason(model_type, method, reason):

@@ -139,8 +139,7 @@ class Lora:
         if spec.has_projection(self.projection) and (
                 self.block is None or any(b.name == self.block for b in spec.projection(self.projection).blocks)):
             return None
-        blocks = {p.name: [b.name for b in p.blocks] for p in spec.projections}
-        return f"a {spec.kind} mixer has no {what} (its projections and blocks: {blocks}){self.instead}"
+        return f"a {spec.kind} mixer has no {what}{self.instead}"
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         start, stop = self._rows(dims.mixer)

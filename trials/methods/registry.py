@@ -42,3 +42,14 @@ def support_table() -> dict[str, dict[str, str | None]]:
 
     architecture_of("mamba")  # loads every architecture
     return {m: {a: supported(m, a) for a in ARCHITECTURES} for m in REGISTRY}
+
+
+def support_markdown() -> str:
+    """The method x architecture table for the README: "yes", or "no: <reason>"."""
+    table = support_table()
+    archs = list(next(iter(table.values())))
+    lines = ["| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+    for method, row in table.items():
+        cells = ["yes" if reason is None else f"no: {reason}".replace("|", "/") for reason in row.values()]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -208,8 +208,8 @@ class AdditionalScan:
     def refusal(self, arch: Architecture) -> str | None:
         if arch.kind == "mamba1":
             return None
-        return ("on Mamba-2 extra state dimensions are extra B and C rows per group of in_proj and a padded [H, P, N] "
-                "state, which no Mamba-2 forward here implements yet")
+        return ("not implemented on Mamba-2 yet (there the extra state dimensions are n more B and C rows per group "
+                "of in_proj and conv1d channels, which the hooks sized by x | B | C would have to follow)")
 
     def count(self, cfg: AdditionalScanConfig, dims: ModelDims) -> int:
         return dims.L * 3 * dims.E * cfg.states

@@ -11,6 +11,7 @@ P head dim, G groups, R dt rank (Mamba-1), L SSM layers, V vocabulary.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -248,11 +249,13 @@ def register_architecture(arch: Architecture) -> Architecture:
     return arch
 
 
+KIND_MODULES = ("mamba1", "mamba2", "hybrid")
+
+
 def _load_kinds() -> None:
     """Import every kind module once (each registers itself): a new architecture is one new file listed here."""
-    import trials.models.hybrid
-    import trials.models.mamba1
-    import trials.models.mamba2  # noqa: F401
+    for name in KIND_MODULES:  # in the order the support table lists them
+        importlib.import_module(f"trials.models.{name}")
 
 
 def architecture_of(model_type: str) -> Architecture:
