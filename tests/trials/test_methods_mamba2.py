@@ -304,6 +304,15 @@ def test_every_method_is_supported_or_refused_with_a_reason_on_every_architectur
             assert reason is None or len(reason) > 10, (method, arch)
 
 
+def test_the_readme_table_has_a_row_per_method_and_a_column_per_architecture():
+    from trials.methods.registry import support_markdown
+
+    lines = support_markdown().splitlines()
+    assert lines[0] == "| method | mamba | mamba2 | bamba | granitemoehybrid |"
+    assert len(lines) == 2 + len(REGISTRY)
+    assert "| `lora_x_proj_b` | yes | no: a mamba2 mixer has no x_proj block b" in support_markdown()
+
+
 def test_the_probe_refuses_a_spaces_unsupported_methods_naming_method_architecture_and_reason():
     from space.config import ModelSpec, TaskSpec
     from trials.probe import Probe
