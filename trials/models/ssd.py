@@ -10,8 +10,9 @@ Within a chunk it is computed in its quadratic ("attention") form, across chunks
 states; the two are the same sum, split at chunk boundaries, so the result does not depend on Q (only the rounding
 does). Q is chosen for speed on CPU, not taken from the model's config.
 
-Speed on CPU comes from the layout, not from the algorithm alone: everything is kept group-major
-([Bt, T, G, Q, R*P]) so each contraction is one plain batched matmul, and the within-chunk decay
+Speed on CPU comes from the layout, not from the algorithm alone: everything is kept group-major and
+position-inner ([Bt, T, G, R*P, Q]) so each contraction is one plain batched matmul and each per-position
+scaling vectorises over positions, and the within-chunk decay
 exp(a_l - a_s) is factored as exp(a_l - m) exp(m - a_s) (m the chunk's mid log-decay) so it scales the inputs and
 outputs of the matmul instead of building a [Bt, T, H, Q, Q] decay tensor. The factored form is exact in real
 arithmetic; in fp32 it is safe while a chunk's total log-decay stays within ``FACTORED_SPAN`` (each factor then
@@ -27,9 +28,11 @@ FACTORED_SPAN = 80.0  # exp(40) ~ 2e17: the largest factor times any sane activa
 
 
 def chunk_size_for(length: int, groups: int) -> int:
-    """The chunk length measured fastest on CPU (benchmarks.scan, Mamba-2 section): the within-chunk matmuls cost
-    about G Q^2 per chunk, the across-chunk part about T, so many groups favour short chunks."""
-    return 16 if groups >= 4 else 64
+    """The chunk length measured fastest on CPU for the tiny models (fwd+bwd, 2 and 8 groups, L = 64 and 256;
+    16 beat 8, 32 and 64): the within-chunk matmuls cost about Q^2 per chunk, the across-chunk part grows with T
+    and every chunk adds a small matmul's overhead. Kept a function of the shape so a measured rule can replace
+    it."""
+    return 16
 
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor,
@@ -71,65 +74,59 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     pad = t * q - length
     with torch.autocast(device_type=x.device.type, enabled=False):
         # Padded steps have dt = 0: they neither decay the state nor add to it, so the final state is the last
-        # real step's.
-        xg = _pad_time(x.float(), pad).view(bt, t, q, g, r, p).transpose(2, 3)  # [Bt, T, G, Q, R, P]
-        dtg = _pad_time(dt.float(), pad).view(bt, t, q, g, r).transpose(2, 3)  # [Bt, T, G, Q, R]
+        # real step's. Position-inner layout: per-position scalings broadcast over P (outer), so the elementwise
+        # kernels vectorise over Q positions rather than over P = 8 channels.
+        xT = _pad_time(x.float(), pad).view(bt, t, q, g, r, p).permute(0, 1, 3, 4, 5, 2)  # [Bt, T, G, R, P, Q]
+        dtT = _pad_time(dt.float(), pad).view(bt, t, q, g, r).permute(0, 1, 3, 4, 2)  # [Bt, T, G, R, Q]
         Bg = _pad_time(B.float(), pad).view(bt, t, q, g, n).transpose(2, 3)  # [Bt, T, G, Q, N]
-        Cg = _pad_time(C.float(), pad).view(bt, t, q, g, n).transpose(2, 3).contiguous()  # [Bt, T, G, Q, N]
-        acum = (dtg * A.float().view(g, 1, r)).cumsum(dim=3)  # [Bt, T, G, Q, R], log-decay from chunk start
-        last = acum[:, :, :, -1:]  # [Bt, T, G, 1, R], each chunk's total log-decay
+        Cg = _pad_time(C.float(), pad).view(bt, t, q, g, n).transpose(2, 3)  # [Bt, T, G, Q, N]
+        acum = (dtT * A.float().view(g, r, 1)).cumsum(dim=-1)  # [Bt, T, G, R, Q], log-decay from chunk start
+        last = acum[..., -1:]  # [Bt, T, G, R, 1], each chunk's total log-decay
         if factored is None:
             factored = bool(-last.detach().min() <= FACTORED_SPAN) if last.numel() else True
-        causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()  # [Q(l), Q(s)]
-        cb = (Cg @ Bg.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [Bt, T, G, Q, Q], shared by a group's heads
+        causal = torch.ones(q, q, dtype=torch.bool, device=x.device).triu()  # [Q(s), Q(l)]: s <= l
+        cbT = (Bg @ Cg.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [Bt, T, G, Q(s), Q(l)], shared by R heads
 
         # 1. Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(acum_l - acum_s) dt_s x_s; and each chunk's
         #    own contribution to the state at its end, sum_s exp(last - acum_s) dt_s x_s B_s^T.
         if factored:
-            mid = last * 0.5  # [Bt, T, G, 1, R]
-            xs = (xg * (dtg * (mid - acum).exp())[..., None]).contiguous()  # [Bt, T, G, Q, R, P]
-            xs = xs.view(bt, t, g, q, r * p)  # [Bt, T, G, Q, R*P]
-            own = (Bg.transpose(-1, -2) @ xs).view(bt, t, g, n, r, p)  # [Bt, T, G, N, R, P]
-            own = own * (last - mid).exp().view(bt, t, g, 1, r, 1)  # [Bt, T, G, N, R, P]
+            mid = last * 0.5  # [Bt, T, G, R, 1]
+            xs = (xT * (dtT * (mid - acum).exp())[..., None, :]).contiguous()  # [Bt, T, G, R, P, Q]
+            xs = xs.view(bt, t, g, r * p, q)  # [Bt, T, G, R*P, Q]
+            own = (xs @ Bg).view(bt, t, g, r, p, n) * (last - mid).exp()[..., None]  # [Bt, T, G, R, P, N]
         else:
-            ah = acum.transpose(3, 4)  # [Bt, T, G, R, Q]
-            decay = (ah[..., :, None] - ah[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-            # decay: [Bt, T, G, R, Q, Q]; masked before exp, so no inf * 0
-            xdt = (xg * dtg[..., None]).transpose(3, 4)  # [Bt, T, G, R, Q, P]
-            y_in = ((cb[:, :, :, None] * decay) @ xdt).transpose(3, 4)  # [Bt, T, G, Q, R, P]
-            xe = (xdt * (last.transpose(3, 4) - ah).exp()[..., None]).transpose(3, 4)  # [Bt, T, G, Q, R, P]
-            own = (Bg.transpose(-1, -2) @ xe.reshape(bt, t, g, q, r * p)).view(bt, t, g, n, r, p)
-            # own: [Bt, T, G, N, R, P]
+            decay = (acum[..., None, :] - acum[..., :, None]).masked_fill(~causal, float("-inf")).exp()
+            # decay: [Bt, T, G, R, Q(s), Q(l)]; masked before exp, so no inf * 0
+            xdt = xT * dtT[..., None, :]  # [Bt, T, G, R, P, Q]
+            y_in = xdt @ (cbT[:, :, :, None] * decay)  # [Bt, T, G, R, P, Q]
+            own = (xdt * (last - acum).exp()[..., None, :]) @ Bg[:, :, :, None]  # [Bt, T, G, R, P, N]
 
         # 2. Across chunks: the state entering chunk k is sum_{j <= k} exp(cs_k - cs_j) S'_j, with S'_0 the initial
-        #    state and S'_j (j >= 1) chunk j-1's own contribution; k = T gives the final state. States are kept
-        #    as [G, N, R, P] (transposed) so that C reads them out with one matmul.
-        if initial_state is not None:
-            h0 = initial_state.float().expand(bt, h, p, n).view(bt, g, r, p, n).permute(0, 1, 4, 2, 3)
-        else:
-            h0 = xg.new_zeros(bt, g, n, r, p)
-        # h0: [Bt, G, N, R, P]
-        sources = torch.cat([h0[:, None], own], dim=1)  # [Bt, T+1, G, N, R, P]
-        cs = F.pad(last[:, :, :, 0].cumsum(dim=1), (0, 0, 0, 0, 1, 0))  # [Bt, T+1, G, R], log-decay to chunk k
+        #    state and S'_j (j >= 1) chunk j-1's own contribution; k = T gives the final state.
+        cs = F.pad(last[..., 0].cumsum(dim=1), (0, 0, 0, 0, 1, 0))  # [Bt, T+1, G, R], log-decay to chunk k
         causal_t = torch.ones(t + 1, t + 1, dtype=torch.bool, device=x.device).tril()[..., None, None]
         weights = (cs[:, :, None] - cs[:, None]).masked_fill(~causal_t, float("-inf")).exp()
         # weights: [Bt, T+1(k), T+1(j), G, R]
-        starts = torch.einsum("bkjgr,bjgnrp->bkgnrp", weights, sources)  # [Bt, T+1, G, N, R, P]
-        final = starts[:, -1].permute(0, 1, 3, 4, 2).reshape(bt, h, p, n)  # [Bt, H, P, N]
+        starts = torch.einsum("bkjgr,bjgrpn->bkgrpn", weights[:, :, 1:], own)  # [Bt, T+1, G, R, P, N]
+        if initial_state is not None:  # S'_0, kept out of the einsum so the common zero state costs nothing
+            h0 = initial_state.float().expand(bt, h, p, n).reshape(bt, 1, g, r, p, n)  # [Bt, 1, G, R, P, N]
+            starts = starts + weights[:, :, 0, :, :, None, None] * h0  # [Bt, T+1, G, R, P, N]
+        final = starts[:, -1].reshape(bt, h, p, n)  # [Bt, H, P, N]
 
         # 3. The state entering each chunk, read out by C and decayed to each position: exp(acum_l) S C_l. In the
         #    factored form exp(acum_l) = exp(acum_l - mid) exp(mid), so one matmul-add and one scaling give both
         #    terms.
-        entering = starts[:, :-1]  # [Bt, T, G, N, R, P]
+        entering = starts[:, :-1]  # [Bt, T, G, R, P, N]
+        CgT = Cg.transpose(-1, -2)  # [Bt, T, G, N, Q]
         if factored:
-            entering = entering * mid.exp().view(bt, t, g, 1, r, 1)  # [Bt, T, G, N, R, P]
-            y = torch.baddbmm((Cg @ entering.reshape(bt, t, g, n, r * p)).view(-1, q, r * p),
-                              cb.view(-1, q, q), xs.view(-1, q, r * p))  # [Bt*T*G, Q, R*P]
-            y = y.view(bt, t, g, q, r, p) * (acum - mid).exp()[..., None]  # [Bt, T, G, Q, R, P]
+            entering = (entering * mid.exp()[..., None]).reshape(bt, t, g, r * p, n)  # [Bt, T, G, R*P, N]
+            y = torch.baddbmm((entering @ CgT).view(-1, r * p, q), xs.view(-1, r * p, q),
+                              cbT.reshape(-1, q, q))  # [Bt*T*G, R*P, Q]
+            y = y.view(bt, t, g, r, p, q) * (acum - mid).exp()[..., None, :]  # [Bt, T, G, R, P, Q]
         else:
-            y_off = (Cg @ entering.reshape(bt, t, g, n, r * p)).view(bt, t, g, q, r, p)  # [Bt, T, G, Q, R, P]
-            y = y_in + y_off * acum.exp()[..., None]  # [Bt, T, G, Q, R, P]
-        y = y.transpose(2, 3).reshape(bt, t * q, h * p)[:, :length]  # [Bt, L, H*P]
+            y_off = entering @ CgT[:, :, :, None]  # [Bt, T, G, R, P, Q]
+            y = y_in + y_off * acum.exp()[..., None, :]  # [Bt, T, G, R, P, Q]
+        y = y.permute(0, 1, 5, 2, 3, 4).reshape(bt, t * q, h * p)[:, :length]  # [Bt, L, H*P]
         if D is not None:  # broadcast over a last dim of H*P, not P: CPU kernels vectorise the last dim only
             y = y + x.float().reshape(bt, length, h * p) * D.float().repeat_interleave(p)  # [Bt, L, H*P]
         y = y.view(bt, length, h, p)  # [Bt, L, H, P]
