@@ -128,7 +128,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
             y = y_in + y_off * acum.exp()[..., None, :]  # [Bt, T, G, R, P, Q]
         y = y.permute(0, 1, 5, 2, 3, 4).reshape(bt, t * q, h * p)[:, :length]  # [Bt, L, H*P]
         if D is not None:  # broadcast over a last dim of H*P, not P: CPU kernels vectorise the last dim only
-            y = y + x.float().reshape(bt, length, h * p) * D.float().repeat_interleave(p)  # [Bt, L, H*P]
+            y = torch.addcmul(y, x.float().reshape(bt, length, h * p), D.float().repeat_interleave(p))  # [Bt, L, H*P]
         y = y.view(bt, length, h, p)  # [Bt, L, H, P]
     return y, final
 
