@@ -66,12 +66,26 @@ def tiny_granite() -> GraniteMoeHybridForCausalLM:
         mamba_d_state=16, mamba_chunk_size=8, mamba_expand=2, initializer_range=0.25))
 
 
-def tiny_mamba2_project_mixer() -> Mamba2ForCausalLM:
-    from trials.models.mamba2_mixer import install_fast_mamba2_mixer
+def fixture_model(model_type: str):
+    """The loader's tiny fixture of ``model_type`` (trials.models.fixtures), with weights large enough that the
+    scan's state term is not lost in float noise (at the default 0.02 init, B C x is ~1e-6 of the output)."""
+    from transformers import AutoModelForCausalLM
 
-    lm = tiny_mamba2()
-    install_fast_mamba2_mixer(lm, "torch")
-    return lm
+    from trials.models.fixtures import tiny_config
+
+    config = tiny_config(model_type)
+    config.initializer_range = 0.25
+    return AutoModelForCausalLM.from_config(config)
+
+
+def with_project_mixer(builder):
+    def build():
+        from trials.models.mamba2_mixer import install_fast_mamba2_mixer
+
+        lm = builder()
+        install_fast_mamba2_mixer(lm, "torch")
+        return lm
+    return build
 
 
 def _has_project_mamba2_mixer() -> bool:
@@ -82,10 +96,14 @@ def _has_project_mamba2_mixer() -> bool:
     return True
 
 
-BUILDERS = {"mamba2": tiny_mamba2, "bamba": tiny_bamba, "granitemoehybrid": tiny_granite}
-if _has_project_mamba2_mixer():
-    BUILDERS["mamba2+project_mixer"] = tiny_mamba2_project_mixer
+BUILDERS = {"mamba2": tiny_mamba2, "bamba": tiny_bamba, "granitemoehybrid": tiny_granite,
+            "falcon_h1": lambda: fixture_model("falcon_h1"), "nemotron_h": lambda: fixture_model("nemotron_h")}
 HOOK_METHODS = ("affix_tuning", "initial_state", "state_offset", "parallel_adapter")
+# The project's Mamba-2 mixer runs every method on Mamba-2; on the hybrids it runs, the hook methods (the rest is
+# the same weight code as above).
+if _has_project_mamba2_mixer():
+    for _arch in ("mamba2", "bamba", "granitemoehybrid", "nemotron_h"):
+        BUILDERS[f"{_arch}+project_mixer"] = with_project_mixer(BUILDERS[_arch])
 
 SIZED = {
     "prodial_in_proj": ProdialConfig(block_size=8, rank=2, scale=0.7),
@@ -111,6 +129,8 @@ def methods_for(arch: str) -> list[str]:
     names = [n for n in METHOD_SPACES if supported(n, model_type) is None]
     if not arch.endswith("+project_mixer"):
         names = [n for n in names if n not in HOOK_METHODS]
+    elif model_type != "mamba2":
+        names = [n for n in names if n in HOOK_METHODS]
     names += [f"{n}+dora" for n in names if n.startswith("lora_")]
     return names
 
@@ -211,6 +231,9 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
     ("mamba2", "sdt", "not implemented yet"),
     ("bamba", "additional_scan", "not implemented on Mamba-2 yet"),
     ("jamba", "lora_in_proj", "model_type 'jamba' is not supported"),
+    ("falcon_h1", "gated_norm_delta", "no norm tensor"),
+    ("falcon_h1", "initial_state", "does not run falcon_h1's mixer"),
+    ("nemotron_h", "lora_mlp_gate", "nemotron_h's MLP has no gate projection"),
 ])
 def test_unsupported_combinations_are_refused_with_the_reason(model_type, method, reason):
     assert supported(method, model_type) is not None
@@ -299,7 +322,7 @@ def test_every_method_is_supported_or_refused_with_a_reason_on_every_architectur
     table = support_table()
     assert set(table) == set(REGISTRY)
     for method, row in table.items():
-        assert set(row) >= {"mamba", "mamba2", "bamba", "granitemoehybrid"}
+        assert set(row) == {"mamba", "mamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h"}
         for arch, reason in row.items():
             assert reason is None or len(reason) > 10, (method, arch)
 
@@ -308,7 +331,7 @@ def test_the_readme_table_has_a_row_per_method_and_a_column_per_architecture():
     from trials.methods.registry import support_markdown
 
     lines = support_markdown().splitlines()
-    assert lines[0] == "| method | mamba | mamba2 | bamba | granitemoehybrid |"
+    assert lines[0] == "| method | mamba | mamba2 | bamba | granitemoehybrid | falcon_h1 | nemotron_h |"
     assert len(lines) == 2 + len(REGISTRY)
     assert "| `lora_x_proj_b` | yes | no: a mamba2 mixer has no x_proj block b" in support_markdown()
 

@@ -22,6 +22,8 @@ EXPECTED_PATHS = {
     "mamba2": ["backbone.layers.0.mixer", "backbone.layers.1.mixer"],
     "bamba": ["model.layers.0.mamba", "model.layers.2.mamba"],  # attention at layers 1 and 3
     "granitemoehybrid": ["model.layers.0.mamba", "model.layers.2.mamba"],
+    "falcon_h1": ["model.layers.0.mamba", "model.layers.1.mamba"],  # a mixer beside attention in every layer
+    "nemotron_h": ["model.layers.0.mixer", "model.layers.2.mixer"],  # layer pattern: Mamba-2, attention, Mamba-2, MLP
 }
 
 

@@ -13,6 +13,7 @@ mambapy, or code that passes ``.weight`` straight to a kernel) can bypass it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -57,11 +58,12 @@ class MethodError(ValueError):
 
 
 def layout(arch: Architecture) -> MixerSpec:
-    """What the SSM mixers of ``arch`` have, by name."""
+    """What the SSM mixers of ``arch`` have, by name (its kind's layout, less what the architecture lacks)."""
     from trials.models.interface import architecture_of
 
     architecture_of(arch.model_type)  # loads the kinds
-    return KINDS[arch.kind].layout
+    spec = KINDS[arch.kind].layout
+    return replace(spec, tensors=tuple(t for t in spec.tensors if t.role not in arch.lacks))
 
 
 def stored(module: nn.Module, name: str) -> Any:

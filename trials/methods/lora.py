@@ -192,7 +192,11 @@ class SideLora:
     def refusal(self, arch: Architecture) -> str | None:
         family = "attention" if self.target.startswith("attn") else "MLP"
         has = arch.attention if family == "attention" else arch.mlp
-        return None if has else f"{arch.model_type} has no {family} layers ({self.target} exists on hybrids only)"
+        if not has:
+            return f"{arch.model_type} has no {family} layers ({self.target} exists on hybrids only)"
+        if self.target in arch.lacks:
+            return f"{arch.model_type}'s {family} has no {self.target.partition('_')[2]} projection"
+        return None
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         t = dims.side_target(self.target)

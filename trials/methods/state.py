@@ -55,9 +55,13 @@ def project_hook(arch: Architecture, hook: str) -> str | None:
     """Mamba-1's project mixer honours every hook; on Mamba-2 only the project's Mamba-2 mixer does (transformers'
     forward honours none), so the method is refused where that mixer is not part of this installation. Which
     mixer a model actually runs is checked when the method is applied (``project_mixers``)."""
-    if arch.kind == "mamba1" or importlib.util.find_spec("trials.models.mamba2_mixer") is not None:
+    if arch.kind == "mamba1":
         return None
-    return f"the {hook} hook needs the project's Mamba-2 mixer (trials.models.mamba2_mixer), which is not installed"
+    if not arch.project_mixer:
+        return f"the {hook} hook needs the project's Mamba-2 mixer, which does not run {arch.model_type}'s mixer"
+    if importlib.util.find_spec("trials.models.mamba2_mixer") is None:
+        return f"the {hook} hook needs the project's Mamba-2 mixer (trials.models.mamba2_mixer), which is not installed"
+    return None
 
 
 class AffixEncoder(nn.Module):

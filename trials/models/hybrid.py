@@ -3,6 +3,10 @@ MLPs, whose linear projections are targets too.
 
 - Bamba (``BambaForCausalLM``): attention ``self_attn.{q,k,v,o}_proj`` at the configured layers, a dense MLP
   ``feed_forward.{gate,up,down}_proj`` in every layer.
+- Falcon-H1 (``FalconH1ForCausalLM``): attention ``self_attn.*`` beside the mixer in every layer, MLP
+  ``feed_forward.*``; its mixer's gated norm is optional (off in the released models), so gated_norm_delta is refused.
+- NemotronH (``NemotronHForCausalLM``): every layer's block is ``mixer``: Mamba-2, attention (``mixer.q_proj``, ...)
+  or an MLP without a gate (``mixer.up_proj``, ``mixer.down_proj``), by the config's layer pattern.
 - Granite 4.0 hybrids (``GraniteMoeHybridForCausalLM``): attention ``self_attn.{q,k,v,o}_proj``; a shared MLP
   ``shared_mlp.input_linear`` [2F, D] = gate | up (fused: rows [0, F) gate, [F, 2F) up) and ``output_linear``
   (down); with ``num_local_experts > 0`` also MoE experts stored as one fused tensor per layer
@@ -25,14 +29,15 @@ from trials.models.mamba2 import dims_of
 
 # Module path suffixes of each side target. Granite's shared MLP computes act(gate) * up from the two halves of
 # input_linear's output, so mlp_gate and mlp_up are blocks of that one fused weight there.
+# NemotronH names every layer's block ``mixer`` (Mamba-2, attention or a gate-less MLP).
 SIDE_SITES: dict[str, tuple[str, ...]] = {
-    "attn_q": ("self_attn.q_proj",),
-    "attn_k": ("self_attn.k_proj",),
-    "attn_v": ("self_attn.v_proj",),
-    "attn_o": ("self_attn.o_proj",),
+    "attn_q": ("self_attn.q_proj", "mixer.q_proj"),
+    "attn_k": ("self_attn.k_proj", "mixer.k_proj"),
+    "attn_v": ("self_attn.v_proj", "mixer.v_proj"),
+    "attn_o": ("self_attn.o_proj", "mixer.o_proj"),
     "mlp_gate": ("feed_forward.gate_proj", "shared_mlp.input_linear"),
-    "mlp_up": ("feed_forward.up_proj", "shared_mlp.input_linear"),
-    "mlp_down": ("feed_forward.down_proj", "shared_mlp.output_linear"),
+    "mlp_up": ("feed_forward.up_proj", "shared_mlp.input_linear", "mixer.up_proj"),
+    "mlp_down": ("feed_forward.down_proj", "shared_mlp.output_linear", "mixer.down_proj"),
 }
 FUSED_GATE_UP = "shared_mlp.input_linear"
 # MoE experts stored as one fused parameter per layer (Granite's ``experts.gate_up_proj`` [n, 2F, D] = gate | up
@@ -96,10 +101,16 @@ def _no_config_dims(model_type: str) -> Callable[[Any], ModelDims]:
     return dims
 
 
-BAMBA = register_architecture(Architecture(
-    model_type="bamba", kind="mamba2", dims=_hybrid_dims("bamba"), dims_from_config=_no_config_dims("bamba"),
-    attention=True, mlp=True, description="BambaForCausalLM (Mamba-2 + attention hybrid)"))
-GRANITE = register_architecture(Architecture(
-    model_type="granitemoehybrid", kind="mamba2", dims=_hybrid_dims("granitemoehybrid"),
-    dims_from_config=_no_config_dims("granitemoehybrid"), attention=True, mlp=True, moe=True,
-    description="GraniteMoeHybridForCausalLM (Granite 4.0 hybrid: Mamba-2 + attention, shared MLP, MoE)"))
+def _hybrid(model_type: str, description: str, **flags: Any) -> Architecture:
+    return register_architecture(Architecture(
+        model_type=model_type, kind="mamba2", dims=_hybrid_dims(model_type),
+        dims_from_config=_no_config_dims(model_type), attention=True, mlp=True, description=description, **flags))
+
+
+BAMBA = _hybrid("bamba", "BambaForCausalLM (Mamba-2 + attention hybrid)")
+GRANITE = _hybrid("granitemoehybrid", "GraniteMoeHybridForCausalLM (Granite 4.0 hybrid: Mamba-2 + attention, shared "
+                  "MLP, MoE)", moe=True)
+FALCON_H1 = _hybrid("falcon_h1", "FalconH1ForCausalLM (attention beside the Mamba-2 mixer in every layer)",
+                    lacks=("norm",), project_mixer=False)
+NEMOTRON_H = _hybrid("nemotron_h", "NemotronHForCausalLM (Mamba-2, attention and gate-less MLP layers by pattern)",
+                     lacks=("mlp_gate",))

@@ -232,6 +232,8 @@ class Architecture:
     attention: bool = False  # attention layers (q/k/v/o projections)
     mlp: bool = False  # dense MLP projections (gate/up/down)
     moe: bool = False  # MoE experts stored as one fused tensor
+    lacks: tuple[str, ...] = ()  # mixer tensor roles or side targets its kind has but this architecture does not
+    project_mixer: bool = True  # the project's mixer for its kind can run it (the hooks need it)
     description: str = ""
 
 

@@ -1,5 +1,7 @@
 """The Mamba-2 mixer kind: transformers' ``Mamba2Mixer`` and the hybrids' Mamba-2-style mixers (Bamba's
-``BambaMixer``, Granite 4.0's ``GraniteMoeHybridMambaLayer``), which share its attributes and forward.
+``BambaMixer``, Granite 4.0's ``GraniteMoeHybridMambaLayer``, ``FalconH1Mixer``, ``NemotronHMamba2Mixer``), which
+share its attributes and forward (Falcon-H1 scales in_proj's output per block by fixed multipliers, which scale a
+block's LoRA delta alike, and may lack the gated norm).
 
 in_proj [2I + 2GN + H, D] splits into z [I] | x [I] | B [GN] | C [GN] | dt [H]; depthwise conv1d [I + 2GN, 1, K]
 over x | B | C; per head A_log, D, dt_bias [H]; the gated RMSNorm's weight [I]; out_proj [D, I]. State per example
@@ -35,13 +37,16 @@ from trials.models.interface import (
 )
 
 
-def spec(D: int, I: int, N: int, K: int, H: int, P: int, G: int) -> MixerSpec:  # noqa: E741,N803 (notation)
+def spec(D: int, I: int, N: int, K: int, H: int, P: int, G: int,  # noqa: E741,N803 (notation)
+         norm: bool = True) -> MixerSpec:
     gn, conv = G * N, I + 2 * G * N
     blocks = (Block("z", 0, I), Block("x", I, 2 * I), Block("b", 2 * I, 2 * I + gn),
               Block("c", 2 * I + gn, 2 * I + 2 * gn), Block("dt", 2 * I + 2 * gn, 2 * I + 2 * gn + H))
     # The conv bias is listed even where a model was built without one: BitFit creates it.
+    # Falcon-H1 may be built without the gated norm (``mamba_rms_norm: false``).
     tensors = (TensorSpec("A_log", "A_log", (H,)), TensorSpec("D", "D", (H,)), TensorSpec("dt_bias", "dt_bias", (H,)),
-               TensorSpec("norm", "norm.weight", (I,)), TensorSpec("conv_weight", "conv1d.weight", (conv, 1, K)),
+               *((TensorSpec("norm", "norm.weight", (I,)),) if norm else ()),
+               TensorSpec("conv_weight", "conv1d.weight", (conv, 1, K)),
                TensorSpec("conv_bias", "conv1d.bias", (conv,)))
     return MixerSpec(
         kind="mamba2", hidden=D, inner=I, state=N, conv_kernel=K, conv_channels=conv, heads=H, head_dim=P, groups=G,
@@ -53,10 +58,12 @@ def spec(D: int, I: int, N: int, K: int, H: int, P: int, G: int) -> MixerSpec:  
 
 def _classes() -> tuple[type, ...]:
     from transformers.models.bamba.modeling_bamba import BambaMixer
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
     from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
-    return Mamba2Mixer, BambaMixer, GraniteMoeHybridMambaLayer
+    return Mamba2Mixer, BambaMixer, GraniteMoeHybridMambaLayer, FalconH1Mixer, NemotronHMamba2Mixer
 
 
 def _project_hooks(module: nn.Module) -> frozenset[Hook] | None:
@@ -85,7 +92,7 @@ class Mamba2Kind:
     def bind(self, module: nn.Module, path: str) -> Mixer:
         m: Any = module
         s = spec(m.hidden_size, m.intermediate_size, m.ssm_state_size, m.conv_kernel_size, m.num_heads, m.head_dim,
-                 m.n_groups)
+                 m.n_groups, norm=getattr(getattr(m, "norm", None), "weight", None) is not None)
         project = _project_hooks(module)
         if project is not None:
             return Mixer(spec=s, module=module, path=path, hooks=project, runtime="the project's FastMamba2Mixer")
