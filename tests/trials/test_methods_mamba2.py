@@ -288,7 +288,7 @@ def test_moe_lora_gives_each_expert_its_own_delta_on_its_rows():
     assert (delta[0, :24] - delta[1, :24]).abs().max() > 0  # one delta per expert, not a shared one
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba", "granitemoehybrid"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h"])
 @pytest.mark.parametrize("position", ["prefix", "suffix", "prefix_suffix"])
 def test_prompt_outputs_do_not_depend_on_right_or_left_padding(arch, position):
     lm = build(arch)
@@ -305,7 +305,7 @@ def test_prompt_outputs_do_not_depend_on_right_or_left_padding(arch, position):
     torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mamba2", "bamba", "granitemoehybrid"])
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h"])
 def test_a_prefix_prompt_generates_the_same_tokens_with_and_without_the_cache(arch):
     lm = build(arch)
     perturb(apply_methods(lm, {"prompt_tuning": PromptConfig(tokens=2)}))
@@ -314,6 +314,23 @@ def test_a_prefix_prompt_generates_the_same_tokens_with_and_without_the_cache(ar
         cached = lm.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
         uncached = lm.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
     assert cached.tolist() == uncached.tolist()
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h"])
+def test_prompt_tuning_embeds_the_real_tokens_as_the_model_does(arch, ids):
+    """With a prompt the model is handed inputs_embeds; the real tokens' rows must be what it would embed from
+    input_ids itself (Falcon-H1 multiplies those, and not given inputs_embeds, by its embedding_multiplier)."""
+    lm = build(arch)
+    seen = []
+    first = lm.base_model.layers[0]
+    first.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+                                    with_kwargs=True)
+    with torch.no_grad():
+        lm(ids, use_cache=False)
+        apply_methods(lm, {"prompt_tuning": PromptConfig(tokens=2)})
+        lm(ids, use_cache=False)
+    plain, prompted = seen  # [B, L, D], [B, 2 + L, D]
+    torch.testing.assert_close(prompted[:, 2:], plain)
 
 
 def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():

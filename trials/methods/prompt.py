@@ -87,8 +87,9 @@ def _decoding(cache: Any) -> bool:
         return False
 
 
-def _install_hooks(backbone: nn.Module, prompt: PromptTokens, attention: bool) -> None:
-    """``attention``: the model has attention layers (a hybrid), whose positions and masks count the prompt."""
+def _install_hooks(backbone: nn.Module, prompt: PromptTokens, attention: bool, ids_scale: float) -> None:
+    """``attention``: the model has attention layers (a hybrid), whose positions and masks count the prompt;
+    ``ids_scale``: what the model multiplies the embeddings of input_ids by (and not given inputs_embeds)."""
     names = list(inspect.signature(backbone.forward).parameters)
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -112,7 +113,7 @@ def _install_hooks(backbone: nn.Module, prompt: PromptTokens, attention: bool) -
             return (), bound
         embeds = bound.get("inputs_embeds")
         if embeds is None:
-            embeds = module.get_input_embeddings()(bound["input_ids"])  # type: ignore[operator]
+            embeds = module.get_input_embeddings()(bound["input_ids"]) * ids_scale  # type: ignore[operator]
         mask = bound.get("attention_mask")
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -159,10 +160,12 @@ class PromptTuning:
         backbone: Any = lm.base_model  # MambaModel / Mamba2Model: takes input_ids or inputs_embeds
         table = lm.get_input_embeddings().weight
         prefix, suffix = self.sites(cfg)
+        arch = architecture(lm)
+        scale = float(getattr(lm.config, arch.ids_embedding_multiplier)) if arch.ids_embedding_multiplier else 1.0
         rows = torch.randint(0, table.shape[0], (prefix + suffix,))
-        prompt = PromptTokens(table.detach()[rows.to(table.device)].float(), prefix, suffix, cfg.projection)
+        prompt = PromptTokens(table.detach()[rows.to(table.device)].float() * scale, prefix, suffix, cfg.projection)
         setattr(backbone, ATTRIBUTE, prompt.to(table.device))
-        _install_hooks(backbone, prompt, architecture(lm).attention)
+        _install_hooks(backbone, prompt, arch.attention, scale)
         return list(prompt.parameters())
 
 

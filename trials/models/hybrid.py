@@ -111,6 +111,6 @@ BAMBA = _hybrid("bamba", "BambaForCausalLM (Mamba-2 + attention hybrid)")
 GRANITE = _hybrid("granitemoehybrid", "GraniteMoeHybridForCausalLM (Granite 4.0 hybrid: Mamba-2 + attention, shared "
                   "MLP, MoE)", moe=True)
 FALCON_H1 = _hybrid("falcon_h1", "FalconH1ForCausalLM (attention beside the Mamba-2 mixer in every layer)",
-                    lacks=("norm",), project_mixer=False)
+                    lacks=("norm",), project_mixer=False, ids_embedding_multiplier="embedding_multiplier")
 NEMOTRON_H = _hybrid("nemotron_h", "NemotronHForCausalLM (Mamba-2, attention and gate-less MLP layers by pattern)",
                      lacks=("mlp_gate",))

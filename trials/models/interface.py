@@ -234,6 +234,9 @@ class Architecture:
     moe: bool = False  # MoE experts stored as one fused tensor
     lacks: tuple[str, ...] = ()  # mixer tensor roles or side targets its kind has but this architecture does not
     project_mixer: bool = True  # the project's mixer for its kind can run it (the hooks need it)
+    # The config attribute of a multiplier the model applies to the embeddings of input_ids but not to inputs_embeds
+    # it is given (Falcon-H1): code that embeds tokens itself must apply it.
+    ids_embedding_multiplier: str | None = None
     description: str = ""
 
 
