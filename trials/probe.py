@@ -23,7 +23,9 @@ from trials.tasks import load_task
 
 
 class Probe:
-    def __init__(self, model: ModelSpec, task: TaskSpec) -> None:
+    def __init__(self, model: ModelSpec, task: TaskSpec, methods: Iterable[str] = ()) -> None:
+        """``methods``: the space's method names; one the checkpoint's architecture does not support is an error
+        here, before any trial (``check_methods``)."""
         quiet_transformers()
         # Opened once with its weights, before any trial: another architecture, or a missing or unexpected weight,
         # stops the search here (load_base_model names them).
@@ -32,6 +34,7 @@ class Probe:
         self.model_type: str = self.dims.model_type  # the architecture the methods are checked against
         self.base_params = sum(p.numel() for p in lm.parameters())  # a tied head is one tensor, counted once
         del lm
+        self.check_methods(methods)
         self.data: TaskData = load_task(task, model)
         self.num_classes = self.data.num_classes
 

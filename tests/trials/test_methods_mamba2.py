@@ -333,6 +333,44 @@ def test_prompt_tuning_embeds_the_real_tokens_as_the_model_does(arch, ids):
     torch.testing.assert_close(prompted[:, 2:], plain)
 
 
+@pytest.mark.parametrize("model_type", ["mamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h"])
+def test_the_probe_reads_the_architecture_of_a_loaded_checkpoint_and_counts_its_methods(model_type, tmp_path):
+    from space.config import ModelSpec, TaskSpec, TrialConfig
+    from trials.models.fixtures import write_fixture
+    from trials.probe import Probe
+
+    path = write_fixture(model_type, tmp_path / model_type)
+    model, task = ModelSpec(checkpoint=str(path)), TaskSpec(name="digits", shots_per_class=2)
+    probe = Probe(model, task)
+    assert probe.model_type == model_type
+    assert "lora_x_proj" in probe.refusals(["lora_x_proj", "lora_in_proj_b"])
+    methods = {"lora_in_proj_b": LoraConfig(rank=2), "a_log_delta": {}}
+    if model_type != "mamba2":
+        methods["lora_attn_v"] = LoraConfig(rank=2)
+    cfg = TrialConfig(model=model, task=task, methods=methods)
+    dims = probe.dims
+    expected = sum(count_params(cfg.methods, dims).values()) + dims.D * probe.num_classes + probe.num_classes
+    assert probe.trainable(cfg) == expected > 0
+
+
+@pytest.mark.parametrize("model_type", ["mamba2", "granitemoehybrid"])
+def test_a_trial_trains_ssm_and_attention_side_methods_on_a_loaded_checkpoint(model_type, tmp_path):
+    from space.config import TrialConfig
+    from tests.conftest import small_trial_yaml
+    from trials.models.fixtures import write_fixture
+    from trials.run import build_trial, run_trial
+
+    path = write_fixture(model_type, tmp_path / model_type)
+    methods = "lora_in_proj_b: {rank: 2}\n  dt_bias_delta: {}\n  gated_norm_delta: {}"
+    if model_type != "mamba2":
+        methods += "\n  lora_attn_v: {rank: 2}\n  lora_moe_up: {rank: 2}"
+    cfg = TrialConfig.from_yaml(small_trial_yaml(methods=methods, steps=2, eval_every=2, checkpoint=str(path)))
+    built = build_trial(cfg)  # checks the measured trainable count against the closed form
+    result = run_trial(cfg, steps=2, built=built)
+    assert set(result.method_params) == set(cfg.methods) and all(v > 0 for v in result.method_params.values())
+    assert 0.0 <= result.val_accuracy <= 1.0
+
+
 def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():
     from trials.methods import support_table
 
@@ -364,3 +402,6 @@ def test_the_probe_refuses_a_spaces_unsupported_methods_naming_method_architectu
     with pytest.raises(ValueError, match=r"methods\.lora_in_proj_b: not supported on mamba \(.*lora_x_proj_b\)\); "
                                          r"methods\.lora_attn_q: not supported on mamba \(mamba has no attention"):
         probe.check_methods(["lora_in_proj", "lora_in_proj_b", "lora_attn_q"])
+    with pytest.raises(ValueError, match=r"methods\.gated_norm_delta: not supported on mamba"):
+        Probe(ModelSpec(checkpoint="embedded"), TaskSpec(name="digits", shots_per_class=2),
+              methods=["lora_in_proj", "gated_norm_delta"])
