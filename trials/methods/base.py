@@ -80,8 +80,3 @@ def mixers(lm: nn.Module) -> list[Mixer]:
         return mixer_kinds(lm)
     except ValueError as e:
         raise MethodError(str(e)) from e
-
-
-def kind_refusal(arch: Architecture, kinds: tuple[str, ...], why: str) -> str | None:
-    """A refusal unless ``arch``'s SSM mixers are of one of ``kinds``."""
-    return None if arch.kind in kinds else why
