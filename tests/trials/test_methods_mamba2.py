@@ -371,6 +371,18 @@ def test_a_trial_trains_ssm_and_attention_side_methods_on_a_loaded_checkpoint(mo
     assert 0.0 <= result.val_accuracy <= 1.0
 
 
+def test_lora_dropout_on_mamba2_out_proj_runs_under_the_project_mixer_and_is_refused_otherwise(ids):
+    pytest.importorskip("trials.models.mamba2_mixer")
+    with pytest.raises(MethodError, match=r"lora_out_proj.dropout 0.5: backbone.layers.0.mixer.out_proj is not called"):
+        apply_methods(build("mamba2"), {"lora_out_proj": LoraConfig(rank=2, dropout=0.5)})
+    lm = build("mamba2+project_mixer")
+    perturb(apply_methods(lm, {"lora_out_proj": LoraConfig(rank=2, dropout=0.5)}))
+    evaluated = forward(lm, ids)
+    lm.train()
+    torch.manual_seed(0)
+    assert (forward(lm, ids) - evaluated).abs().max() > 1e-4  # the dropout hook ran in training
+
+
 def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():
     from trials.methods import support_table
 

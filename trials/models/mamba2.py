@@ -10,12 +10,14 @@ over x | B | C; per head A_log, D, dt_bias [H]; the gated RMSNorm's weight [I]; 
 Every path (the chunked torch scan, the cached step, mamba-ssm's fused CUDA kernel) reads conv1d's, the norm's
 and out_proj's weights and the per-head tensors as attributes, and calls in_proj as a module, so a parametrised
 tensor is the tensor used everywhere. The fused kernel is handed out_proj's weight, so a forward hook of out_proj
-(LoRA dropout there, a parallel adapter) would be skipped on CUDA: out_proj is not ``hookable``, and transformers'
-forward honours none of the state hooks.
+(LoRA dropout there, a parallel adapter) would be skipped on CUDA: out_proj is not ``hookable`` under transformers'
+forward, which honours none of the state hooks either; the project's Mamba-2 mixer (``trials.models.mamba2_mixer``)
+honours them all and calls out_proj as a module.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -95,6 +97,9 @@ class Mamba2Kind:
                  m.n_groups, norm=getattr(getattr(m, "norm", None), "weight", None) is not None)
         project = _project_hooks(module)
         if project is not None:
+            # The project's forward calls out_proj as a module and leaves the fused kernel when it has a forward
+            # hook, so out_proj's hooks (LoRA dropout) run there.
+            s = replace(s, projections=tuple(replace(p, hookable=True) for p in s.projections))
             return Mixer(spec=s, module=module, path=path, hooks=project, runtime="the project's FastMamba2Mixer")
         return Mixer(spec=s, module=module, path=path, hooks=frozenset(),
                      runtime=f"transformers' {type(module).__name__}")
