@@ -44,16 +44,24 @@ training: {{budget: {{rungs: [{a.steps}], max_steps: {a.steps}}}, batch_size: 16
 search: {{num_trials: {a.trials}, concurrency: {a.concurrency}, pruner: none, reevaluate: {{top: 0}},
           results_dir: {tmp}/runs}}
 """)
-        t0 = time.perf_counter()
+        t0, t0_wall = time.perf_counter(), time.time()
         code = search_main([str(space)])
-        wall = time.perf_counter() - t0
+        wall, end_wall = time.perf_counter() - t0, time.time()
         c = results.client(f"sqlite:///{tmp}/runs/mlflow.db")
         search_id = results.latest_search(c, "mamba-peft-search")["run_id"]
         df = results.trials(c, "mamba-peft-search", search_id)
         trained = df[~df.status.isin(["duplicate", "rejected"])]  # settled without a Ray trial: no own time
-        own = [(c.get_run(r).info.end_time - c.get_run(r).info.start_time) / 1000 for r in trained.run_id
-               if c.get_run(r).info.end_time]
+        spans = sorted((c.get_run(r).info.start_time / 1000, c.get_run(r).info.end_time / 1000)
+                       for r in trained.run_id if c.get_run(r).info.end_time)
+        own = [end - start for start, end in spans]
     ideal = sum(own) / a.concurrency
+    # Where the rest went: before the first trial started, after the last one ended, and the time trial slots
+    # stood empty between (a slot is empty whenever fewer than `concurrency` trials run).
+    before, after = spans[0][0] - t0_wall, end_wall - max(e for _, e in spans)
+    busy = sum(own)
+    empty = a.concurrency * (max(e for _, e in spans) - spans[0][0]) - busy
+    print(f"\nbefore the first trial: {before:.1f} s; after the last: {after:.1f} s; slot time empty between the "
+          f"first start and the last end: {empty:.1f} slot-s ({empty / a.concurrency:.1f} s of wall time)")
     print(f"\nsearch exit {code}: {len(own)} trials, each {min(own):.1f} to {max(own):.1f} s on its own")
     print(f"wall time of the search: {wall:.3f} s; trials' own time / concurrency {a.concurrency}: {ideal:.3f} s")
     print(f"overhead_ratio (wall / ideal - 1): {wall / ideal - 1:.3f}")

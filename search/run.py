@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -350,7 +351,7 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     from search import resume as resuming
     from search.hypervolume import size_reference
     from search.searcher import PeftSearcher, RungScheduler
-    from search.tracking import MlflowTrialCallback, SearchRun, settled
+    from search.tracking import MlflowTrialCallback, SearchRun, open_store, settled
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results_dir = Path(space.search.results_dir).resolve()
@@ -415,6 +416,11 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     # On the driver's own node when it is a Ray node (soft: anywhere else otherwise), which a search outlives least.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = ProbeActor.options(scheduling_strategy=here).remote(space.model, space.task)  # type: ignore[attr-defined]
+    # The MLflow store is opened (imported, its schema created) while the probe's worker imports torch and opens
+    # the model: seconds of every search's start-up, spent side by side. No run is created before the probe passes.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mps-store")
+    opening = pool.submit(open_store, uri, space.tracking.experiment, results_dir / "mlartifacts")
+    pool.shutdown(wait=False)  # its one task still runs; the thread ends after it
     try:
         info = ray.get(actor.info.remote())
     except RayTaskError as exc:  # the checkpoint or the task cannot be opened: nothing has started
@@ -422,6 +428,7 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
         notice(f"error: {cause}")
         ray.shutdown()
         local_ray.forget()
+        opening.exception()  # wait for it; the probe's error is the one to report
         return EXIT_BAD_INPUT
     local_ray.record()  # Ray's agents and the first worker are up by now
     base_params = int(info["base_params"])
@@ -431,7 +438,7 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
 
     s = space.search
     parent = SearchRun(uri, space.tracking.experiment, results_dir / "mlartifacts", run_name, space, space_text,
-                       resume_id=None if prior is None else str(prior["run_id"]))
+                       resume_id=None if prior is None else str(prior["run_id"]), store=opening.result())
     # From here every way out ends the search run (and its trial runs) with a clear state.
     status = results.STATUS_FAILED
     searcher: PeftSearcher | None = None

@@ -53,20 +53,40 @@ def settled(create: Callable[[], T], attempts: int = 5, wait: float = 1.0) -> T:
     raise AssertionError("unreachable")
 
 
+def open_store(tracking_uri: str, experiment: str, artifact_root: Path) -> tuple[Any, str]:
+    """An MLflow client of ``tracking_uri`` and the id of ``experiment`` in it, created where missing (a new
+    sqlite store's schema included: the slow part, which the driver does while the model is probed)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    # Opening a new store runs its migrations, which another search may be running at the same moment.
+    client = settled(lambda: MlflowClient(tracking_uri=tracking_uri))
+
+    def experiment_id() -> str:
+        exp = client.get_experiment_by_name(experiment)  # the first call creates a new store's schema
+        if exp is not None:
+            return str(exp.experiment_id)
+        if tracking_uri.startswith(("http://", "https://")):
+            # A tracking server stores (or proxies) artifacts itself, where every client can read them.
+            return str(client.create_experiment(experiment))
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        return str(client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri()))
+
+    return client, settled(experiment_id)
+
+
 class SearchRun:
     """The parent MLflow run of one search: created by a new search, reopened by a resumed one (``resume_id``), so
     that a search is one run from its start to its end however often it was stopped."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, run_name: str,
-                 space: SearchSpace, space_text: str, resume_id: str | None = None) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(tracking_uri)
-        # Opening a new store runs its migrations, which another search may be running at the same moment.
-        self.client = settled(lambda: MlflowClient(tracking_uri=tracking_uri))
+                 space: SearchSpace, space_text: str, resume_id: str | None = None,
+                 store: tuple[Any, str] | None = None) -> None:
+        """``store``: the client and experiment id ``open_store`` returned, when the driver opened them already."""
+        self.client, self.experiment_id = store or open_store(tracking_uri, experiment, artifact_root)
         self.started = time.time()  # this session's start: the seconds tag adds the time it has run
         if resume_id is not None:
             run = self.client.get_run(resume_id)
@@ -76,18 +96,6 @@ class SearchRun:
             self.client.set_tag(resume_id, "mps.status", "running")
             return
         self.seconds_before = 0.0
-
-        def experiment_id() -> str:
-            exp = self.client.get_experiment_by_name(experiment)  # the first call creates a new store's schema
-            if exp is not None:
-                return str(exp.experiment_id)
-            if tracking_uri.startswith(("http://", "https://")):
-                # A tracking server stores (or proxies) artifacts itself, where every client can read them.
-                return str(self.client.create_experiment(experiment))
-            artifact_root.mkdir(parents=True, exist_ok=True)
-            return str(self.client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri()))
-
-        self.experiment_id = settled(experiment_id)
         objectives = [o.metric for o in space.objectives]
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
             "mps.kind": "search", "mps.status": "running", "mps.objectives": json.dumps(objectives)})
