@@ -60,6 +60,11 @@ def trainable(config: dict[str, Any]) -> None:
         tune.report(failure_report(exc))
 
 
+def space_methods(space: SearchSpace) -> list[str]:
+    """The methods a trial of ``space`` may use (on, or searched): each must apply to the checkpoint's architecture."""
+    return [name for name, method in space.methods.items() if method.enabled is not False]
+
+
 def worker_niceness() -> None:
     """Trials of the local Ray this driver starts run at the priority of any other process (niceness 0), not Ray's
     default of 15, at which any busy process on the machine (an editor, a build) takes their CPU. A value the
@@ -287,7 +292,7 @@ def dry_run(space: SearchSpace, echo=print, samples: int = 256) -> int:
     from trials.probe import Probe
 
     try:
-        probe = Probe(space.model, space.task)
+        probe = Probe(space.model, space.task, space_methods(space))
     except (OSError, ValueError) as exc:
         echo(f"error: {exc}")
         return EXIT_BAD_INPUT
@@ -393,15 +398,24 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     class ProbeActor:
         """The closed-form sizes, in a worker process: the driver imports no torch."""
 
-        def __init__(self, model: Any, task: Any) -> None:
+        def __init__(self, model: Any, task: Any, methods: list[str]) -> None:
             from trials.probe import Probe
 
-            self.probe = Probe(model, task)
+            # An error here (a bad checkpoint, task or method) is raised by info(): as a task's error it keeps its
+            # own type and message, where an actor that died in __init__ would be restarted and then report a
+            # generic death.
+            self.error: Exception | None = None
+            try:
+                self.probe = Probe(model, task, methods)  # refuses a method the architecture does not support
+            except Exception as exc:  # noqa: BLE001 - handed to the driver by info()
+                self.error = exc
 
         def trainable(self, cfg: TrialConfig) -> int:
             return self.probe.trainable(cfg)
 
         def info(self) -> dict[str, int]:
+            if self.error is not None:
+                raise self.error
             return self.probe.info()
 
     class Sizes:
@@ -415,7 +429,8 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
 
     # On the driver's own node when it is a Ray node (soft: anywhere else otherwise), which a search outlives least.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ProbeActor.options(scheduling_strategy=here).remote(space.model, space.task)  # type: ignore[attr-defined]
+    actor = ProbeActor.options(scheduling_strategy=here).remote(space.model, space.task,  # type: ignore[attr-defined]
+                                                              space_methods(space))
     # The MLflow store is opened (imported, its schema created) while the probe's worker imports torch and opens
     # the model: seconds of every search's start-up, spent side by side. No run is created before the probe passes.
     pool = ThreadPoolExecutor(1, thread_name_prefix="mps-store")

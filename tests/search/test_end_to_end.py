@@ -345,3 +345,27 @@ def test_a_gpu_share_ray_cannot_schedule_is_an_error_naming_the_key():
 
     with pytest.raises(ValueError, match=r"search.gpus_per_trial[\s\S]*1.5 GPUs: a trial takes a fraction"):
         SearchSpace.model_validate({"search": {"gpus_per_trial": 1.5}})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_method_the_architecture_lacks_is_refused_before_any_trial_naming_method_and_reason(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(f"""
+model: {{checkpoint: embedded-mamba2}}
+task: {{name: digits, shots_per_class: 2}}
+methods: {{lora_in_proj: {{enabled: search}}, lora_x_proj: {{enabled: search}}, lora_dt_proj: {{enabled: false}}}}
+training: {{budget: {{min_steps: 2, max_steps: 4}}, batch_size: 8}}
+search: {{num_trials: 2, results_dir: {tmp_path / 'runs'}}}
+""")
+    assert search_main([str(space), "--dry-run"]) == 2
+    dry = capsys.readouterr().out
+    assert search_main([str(space)]) == 2
+    out = capsys.readouterr().out
+    for said in (dry, out):
+        assert "methods.lora_x_proj: not supported on mamba2" in said and "in_proj" in said
+        assert "lora_in_proj:" not in said and "lora_dt_proj" not in said  # supported, or not used
+    assert " start " not in out
+    c = results.client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    with pytest.raises(results.ResultsError):
+        results.latest_search(c, "mamba-peft-search")  # no search run was created
