@@ -21,6 +21,7 @@ from transformers import (
 from space.methods import (
     METHOD_SPACES,
     AdapterConfig,
+    AdditionalScanConfig,
     AffixConfig,
     InitialStateConfig,
     LoraConfig,
@@ -112,6 +113,7 @@ SIZED = {
     "affix_tuning": AffixConfig(tokens=2),
     "initial_state": InitialStateConfig(conv_state=True),
     "parallel_adapter": AdapterConfig(rank=3, scale=0.5),
+    "additional_scan": AdditionalScanConfig(states=2),
 }
 
 
@@ -229,9 +231,9 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
     ("mamba2", "lora_attn_q", "mamba2 has no attention layers"),
     ("mamba", "lora_mlp_up", "mamba has no MLP layers"),
     ("mamba2", "sdt", "not implemented yet"),
-    ("bamba", "additional_scan", "not implemented on Mamba-2 yet"),
     ("jamba", "lora_in_proj", "model_type 'jamba' is not supported"),
     ("falcon_h1", "gated_norm_delta", "no norm tensor"),
+    ("falcon_h1", "additional_scan", "the state cannot grow"),
     ("falcon_h1", "initial_state", "does not run falcon_h1's mixer"),
     ("nemotron_h", "lora_mlp_gate", "nemotron_h's MLP has no gate projection"),
 ])
@@ -381,6 +383,26 @@ def test_lora_dropout_on_mamba2_out_proj_runs_under_the_project_mixer_and_is_ref
     lm.train()
     torch.manual_seed(0)
     assert (forward(lm, ids) - evaluated).abs().max() > 1e-4  # the dropout hook ran in training
+
+
+def test_mamba2_additional_scan_inserts_each_groups_new_b_and_c_rows_after_its_own():
+    lm = build("mamba2")  # I=64, G=8, N=2, H=8; n=2 more states per group
+    mixer = mixer_kinds(lm)[0]
+    before = {"in": mixer.projection("in_proj").weight.detach().clone(),
+              "conv": mixer.module.conv1d.weight.detach().clone()}
+    apply_methods(lm, {"additional_scan": AdditionalScanConfig(states=2)})
+    merge_methods(lm)
+    assert lm.config.state_size == 4 and mixer.module.ssm_state_size == 4
+    weight, conv = mixer.projection("in_proj").weight.detach(), mixer.module.conv1d.weight.detach()
+    assert weight.shape == (64 + 64 + 2 * 8 * 4 + 8, 32) and conv.shape == (64 + 2 * 8 * 4, 1, 4)
+    for g in range(8):
+        for old, new in ((128, 128), (144, 160)):  # the B block, then the C block (after the enlarged B)
+            torch.testing.assert_close(weight[new + 4 * g : new + 4 * g + 2],
+                                       before["in"][old + 2 * g : old + 2 * g + 2])
+            torch.testing.assert_close(conv[new - 64 + 4 * g : new - 64 + 4 * g + 2],
+                                       before["conv"][old - 64 + 2 * g : old - 64 + 2 * g + 2])
+    torch.testing.assert_close(weight[:128], before["in"][:128])  # z | x unchanged
+    torch.testing.assert_close(weight[-8:], before["in"][-8:])  # dt unchanged
 
 
 def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():

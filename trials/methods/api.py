@@ -49,10 +49,22 @@ def _check_names(methods: Mapping[str, Any]) -> None:
         raise MethodError(f"unknown method(s) {unknown}; implemented: {list(REGISTRY)}")
 
 
+def _resized(name: str, cfg: MethodConfig, dims: ModelDims) -> ModelDims:
+    """The sizes the methods applied after ``name`` see (additional-scan on Mamba-2 enlarges the state)."""
+    resize = getattr(REGISTRY[name], "resize", None)
+    return dims if resize is None else resize(cfg, dims)
+
+
 def count_params(methods: Mapping[str, MethodConfig], dims: ModelDims) -> dict[str, int]:
-    """Closed-form trainable parameters per method, from the configs and model sizes alone."""
+    """Closed-form trainable parameters per method, from the configs and model sizes alone (each method counted
+    on the sizes the methods applied before it leave)."""
     _check_names(methods)
-    return {name: REGISTRY[name].count(methods[name], dims) for name in APPLY_ORDER if name in methods}
+    out = {}
+    for name in APPLY_ORDER:
+        if name in methods:
+            out[name] = REGISTRY[name].count(methods[name], dims)
+            dims = _resized(name, methods[name], dims)
+    return out
 
 
 def apply_methods(lm: Any, methods: Mapping[str, MethodConfig], freeze: bool = True) -> AppliedMethods:
@@ -81,6 +93,7 @@ def apply_methods(lm: Any, methods: Mapping[str, MethodConfig], freeze: bool = T
         measured, formula = sum(p.numel() for p in params), REGISTRY[name].count(methods[name], dims)
         if measured != formula:
             raise MethodError(f"{name}: {measured} parameters added, closed form says {formula}")
+        dims = _resized(name, methods[name], dims)
     return applied
 
 

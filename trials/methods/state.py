@@ -12,15 +12,18 @@
   Per layer E N (+ (K-1) E). Not mergeable.
 - State-offset tuning (Galim et al. 2025, arXiv 2503.03499): y_t += silu(z_t) * (H C_t), H [E, N] zero-init,
   i.e. the output reads the state shifted by a learned offset. Per layer E N. Not mergeable.
-- Additional-scan (MambaPEFT): n extra state dimensions per layer: A_log grows to [E, N + n] with the new
+- Additional-scan (MambaPEFT): n extra state dimensions per layer. Mamba-1: A_log grows to [E, N + n] with the new
   columns copied from the last existing one (``scan_A_copy_from_last``), x_proj grows new B and C rows
   (nn.Linear default init). The model's ``state_size`` becomes N + n, so transformers' cache, mambapy and the
   project's mixer all size their state from it. Per layer 3 E n. Mergeable into a model with d_state N + n.
+  Mamba-2 (A is per head, so it does not grow): each group gets n more B and C rows in in_proj and n more B and C
+  channels in conv1d (weight and bias), after its N pretrained ones, the layout of a Mamba-2 with state N + n
+  (nn.Linear's and nn.Conv1d's default init). Per layer 2 G n (D + K (+ 1 with a conv bias)). The methods applied
+  after it (affix tokens, initial and conv states, state offset) are sized for N + n.
 
 On Mamba-2 (the project's Mamba-2 mixer, ``trials.models.mamba2_mixer``) the same hooks take the kind's shapes
 (``MixerSpec``): affix tokens enter x | B | C before the convolution ([n, I + 2GN], so E above reads I + 2GN),
-the initial state and the state offset are [H, P, N], the conv state [K-1, I + 2GN]. Additional-scan is Mamba-1
-only for now (on Mamba-2 it would be extra B/C rows per group of in_proj).
+the initial state and the state offset are [H, P, N], the conv state [K-1, I + 2GN].
 
 The first three are implemented by the project's mixer (``trials.mixer``); on transformers' own paths
 (``model.scan: mambapy`` or ``hf_loop``) they are refused when applied.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -204,40 +208,105 @@ class ExtraBCRows(nn.Module):
         return torch.cat([dt, b, self.b_rows.to(weight.dtype), c, self.c_rows.to(weight.dtype)])
 
 
+class ExtraGroupRows(nn.Module):
+    """Mamba-2's extra state dimensions in a tensor laid out x | B | C along dim 0 (behind ``lead`` rows: in_proj's
+    z; after them in_proj's dt): each group's n new B rows follow its N pretrained ones (B [G, N] -> [G, N + n],
+    group-major, the layout of a Mamba-2 with state N + n), likewise C. Used on in_proj.weight [*, D], conv1d.weight
+    [*, 1, K] and conv1d.bias [*]; the new rows are learned."""
+
+    def __init__(self, lead: int, groups: int, states: int, extra: int, row: tuple[int, ...], bound: float) -> None:
+        super().__init__()
+        self.lead, self.groups, self.states = lead, groups, states
+        self.b_rows = nn.Parameter(torch.empty(groups, extra, *row).uniform_(-bound, bound))  # [G, n, *row]
+        self.c_rows = nn.Parameter(torch.empty(groups, extra, *row).uniform_(-bound, bound))  # [G, n, *row]
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        g, gn = self.groups, self.groups * self.states
+        head, b, c, tail = torch.split(value, [self.lead, gn, gn, value.shape[0] - self.lead - 2 * gn])
+        b = torch.cat([b.reshape(g, self.states, *b.shape[1:]), self.b_rows.to(value.dtype)], dim=1)  # [G, N + n, .]
+        c = torch.cat([c.reshape(g, self.states, *c.shape[1:]), self.c_rows.to(value.dtype)], dim=1)  # [G, N + n, .]
+        return torch.cat([head, b.flatten(0, 1), c.flatten(0, 1), tail])
+
+
+STATE_KEYS = ("state_size", "mamba_d_state", "ssm_state_size")  # the config's state size, by architecture
+
+
 class AdditionalScan:
     name = "additional_scan"
     mergeable = True
     identity_at_init = False
 
     def refusal(self, arch: Architecture) -> str | None:
-        if arch.kind == "mamba1":
-            return None
-        return ("not implemented on Mamba-2 yet (there the extra state dimensions are n more B and C rows per group "
-                "of in_proj and conv1d channels, which the hooks sized by x | B | C would have to follow)")
+        if "state_growth" in arch.lacks:
+            return (f"{arch.model_type} scales in_proj's output by a fixed per-row multiplier vector sized for the "
+                    "pretrained state, so the state cannot grow")
+        return None
 
     def count(self, cfg: AdditionalScanConfig, dims: ModelDims) -> int:
-        return dims.L * 3 * dims.E * cfg.states
+        m = dims.mixer
+        if m.kind == "mamba1":
+            return dims.L * 3 * dims.E * cfg.states
+        # per group: n B rows and n C rows of in_proj [D] and of conv1d [K] (+ its bias)
+        return dims.L * 2 * m.groups * cfg.states * (m.hidden + m.conv_kernel + (1 if m.conv_bias else 0))
+
+    def resize(self, cfg: AdditionalScanConfig, dims: ModelDims) -> ModelDims:
+        """On Mamba-2 the methods applied after this one see the state N + n (their hooks are sized by x | B | C);
+        on Mamba-1 they keep the pretrained N (the project's mixer zero-pads their states)."""
+        m = dims.mixer
+        if m.kind == "mamba1":
+            return dims
+        from trials.models.mamba2 import spec
+
+        return replace(dims, mixer=spec(m.hidden, m.inner, m.state + cfg.states, m.conv_kernel, m.heads, m.head_dim,
+                                        m.groups, norm=m.has_tensor("norm"), conv_bias=m.conv_bias))
 
     def apply(self, lm: Any, cfg: AdditionalScanConfig) -> list[nn.Parameter]:
-        params: list[nn.Parameter] = []
-        n = 0
-        for mixer in mixers(lm):
-            spec, n = mixer.spec, mixer.spec.state
-            owner, name = mixer.owner("A_log")
-            current = getattr(owner, name)
-            if current.shape[1] != n:
-                raise MethodError(f"{self.name}: {mixer.path}.A_log has {current.shape[1]} states, its pretrained "
-                                  f"A_log {n}: apply additional_scan once")
-            x_proj = mixer.projection("x_proj")
-            a = ExtraALog(current, cfg.states).to(current.device)
-            rows = ExtraBCRows(spec.dt_rank, n, cfg.states, spec.inner).to(x_proj.weight.device)
-            parametrize.register_parametrization(owner, name, a, unsafe=True)
-            parametrize.register_parametrization(x_proj, "weight", rows, unsafe=True)
+        found = mixers(lm)
+        params = [p for mixer in found for p in (self._mamba1(mixer, cfg) if mixer.spec.kind == "mamba1"
+                                                  else self._mamba2(mixer, cfg))]
+        for key in STATE_KEYS:  # transformers' cache and a merged checkpoint follow it
+            if hasattr(lm.config, key):
+                setattr(lm.config, key, found[0].spec.state + cfg.states)
+                break
+        for mixer in found:
             module: Any = mixer.module
-            module.ssm_state_size = n + cfg.states
-            params += [a.extra, rows.b_rows, rows.c_rows]
-        lm.config.state_size = n + cfg.states  # transformers' cache and a merged checkpoint follow it
+            module.ssm_state_size = mixer.spec.state + cfg.states
+            if hasattr(module, "conv_dim"):
+                module.conv_dim = mixer.spec.conv_channels + 2 * mixer.spec.groups * cfg.states
         return params
+
+    def _mamba1(self, mixer: Mixer, cfg: AdditionalScanConfig) -> list[nn.Parameter]:
+        spec, n = mixer.spec, mixer.spec.state
+        owner, name = mixer.owner("A_log")
+        current = getattr(owner, name)
+        if current.shape[1] != n:
+            raise MethodError(f"{self.name}: {mixer.path}.A_log has {current.shape[1]} states, its pretrained "
+                              f"A_log {n}: apply additional_scan once")
+        x_proj = mixer.projection("x_proj")
+        a = ExtraALog(current, cfg.states).to(current.device)
+        rows = ExtraBCRows(spec.dt_rank, n, cfg.states, spec.inner).to(x_proj.weight.device)
+        parametrize.register_parametrization(owner, name, a, unsafe=True)
+        parametrize.register_parametrization(x_proj, "weight", rows, unsafe=True)
+        return [a.extra, rows.b_rows, rows.c_rows]
+
+    def _mamba2(self, mixer: Mixer, cfg: AdditionalScanConfig) -> list[nn.Parameter]:
+        """n more B and C rows per group in in_proj (nn.Linear's default init) and in conv1d (nn.Conv1d's)."""
+        spec, n = mixer.spec, cfg.states
+        in_proj = mixer.projection("in_proj")
+        if in_proj.bias is not None:
+            raise MethodError(f"{self.name}: {mixer.path}.in_proj has a bias, which additional_scan does not extend")
+        conv, _ = mixer.owner("conv_weight")
+        lead, k = spec.projection("in_proj").block("b").start, spec.conv_kernel
+        device = in_proj.weight.device
+        rows = ExtraGroupRows(lead, spec.groups, spec.state, n, (spec.hidden,), 1 / math.sqrt(spec.hidden))
+        taps = ExtraGroupRows(spec.inner, spec.groups, spec.state, n, (1, k), 1 / math.sqrt(k))
+        added = [(in_proj, "weight", rows.to(device)), (conv, "weight", taps.to(device))]
+        if spec.conv_bias:
+            added.append((conv, "bias", ExtraGroupRows(spec.inner, spec.groups, spec.state, n, (), 1 / math.sqrt(k))
+                          .to(device)))
+        for module, tensor, extra in added:
+            parametrize.register_parametrization(module, tensor, extra, unsafe=True)
+        return [p for _, _, extra in added for p in (extra.b_rows, extra.c_rows)]
 
 
 AFFIX_METHODS = [AffixTuning()]

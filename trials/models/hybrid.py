@@ -4,7 +4,8 @@ MLPs, whose linear projections are targets too.
 - Bamba (``BambaForCausalLM``): attention ``self_attn.{q,k,v,o}_proj`` at the configured layers, a dense MLP
   ``feed_forward.{gate,up,down}_proj`` in every layer.
 - Falcon-H1 (``FalconH1ForCausalLM``): attention ``self_attn.*`` beside the mixer in every layer, MLP
-  ``feed_forward.*``; its mixer's gated norm is optional (off in the released models), so gated_norm_delta is refused.
+  ``feed_forward.*``; its mixer's gated norm is optional (off in the released models), so gated_norm_delta is refused,
+  and it scales in_proj's output by a fixed multiplier vector (``mup_vector``), so the state cannot grow.
 - NemotronH (``NemotronHForCausalLM``): every layer's block is ``mixer``: Mamba-2, attention (``mixer.q_proj``, ...)
   or an MLP without a gate (``mixer.up_proj``, ``mixer.down_proj``), by the config's layer pattern.
 - Granite 4.0 hybrids (``GraniteMoeHybridForCausalLM``): attention ``self_attn.{q,k,v,o}_proj``; a shared MLP
@@ -111,6 +112,7 @@ BAMBA = _hybrid("bamba", "BambaForCausalLM (Mamba-2 + attention hybrid)")
 GRANITE = _hybrid("granitemoehybrid", "GraniteMoeHybridForCausalLM (Granite 4.0 hybrid: Mamba-2 + attention, shared "
                   "MLP, MoE)", moe=True)
 FALCON_H1 = _hybrid("falcon_h1", "FalconH1ForCausalLM (attention beside the Mamba-2 mixer in every layer)",
-                    lacks=("norm",), project_mixer=False, ids_embedding_multiplier="embedding_multiplier")
+                    lacks=("norm", "state_growth"), project_mixer=False,
+                    ids_embedding_multiplier="embedding_multiplier")
 NEMOTRON_H = _hybrid("nemotron_h", "NemotronHForCausalLM (Mamba-2, attention and gate-less MLP layers by pattern)",
                      lacks=("mlp_gate",))

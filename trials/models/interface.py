@@ -96,6 +96,7 @@ class MixerSpec:
     projections: tuple[Projection, ...]
     tensors: tuple[TensorSpec, ...]
     state_shape: tuple[int, ...]
+    conv_bias: bool = True  # conv1d has a bias (BitFit creates one where it lacks it)
 
     def projection(self, name: str) -> Projection:
         for p in self.projections:
@@ -232,7 +233,9 @@ class Architecture:
     attention: bool = False  # attention layers (q/k/v/o projections)
     mlp: bool = False  # dense MLP projections (gate/up/down)
     moe: bool = False  # MoE experts stored as one fused tensor
-    lacks: tuple[str, ...] = ()  # mixer tensor roles or side targets its kind has but this architecture does not
+    # Mixer tensor roles or side targets its kind has but this architecture does not ("state_growth": the state
+    # size cannot grow, for additional-scan).
+    lacks: tuple[str, ...] = ()
     project_mixer: bool = True  # the project's mixer for its kind can run it (the hooks need it)
     # The config attribute of a multiplier the model applies to the embeddings of input_ids but not to inputs_embeds
     # it is given (Falcon-H1): code that embeds tokens itself must apply it.

@@ -8,6 +8,7 @@ hook of out_proj.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -31,7 +32,7 @@ from trials.models.interface import (
 )
 
 
-def spec(D: int, E: int, N: int, R: int, K: int) -> MixerSpec:  # noqa: N803 (the papers' notation)
+def spec(D: int, E: int, N: int, R: int, K: int, conv_bias: bool = True) -> MixerSpec:  # noqa: N803 (notation)
     return MixerSpec(
         kind="mamba1", hidden=D, inner=E, state=N, conv_kernel=K, conv_channels=E, heads=E, head_dim=1, groups=1,
         dt_rank=R,
@@ -45,7 +46,7 @@ def spec(D: int, E: int, N: int, R: int, K: int) -> MixerSpec:  # noqa: N803 (th
         tensors=(TensorSpec("A_log", "A_log", (E, N)), TensorSpec("D", "D", (E,)),
                  TensorSpec("dt_bias", "dt_proj.bias", (E,)), TensorSpec("conv_weight", "conv1d.weight", (E, 1, K)),
                  TensorSpec("conv_bias", "conv1d.bias", (E,))),
-        state_shape=(E, N),
+        state_shape=(E, N), conv_bias=conv_bias,
     )
 
 
@@ -67,7 +68,8 @@ class Mamba1Kind:
         # The state size of the pretrained A_log: additional-scan enlarges the effective one, not the stored one.
         m: Any = module
         a_log = m.parametrizations["A_log"].original if parametrize.is_parametrized(module, "A_log") else m.A_log
-        s = spec(m.hidden_size, m.intermediate_size, a_log.shape[1], m.time_step_rank, m.conv_kernel_size)
+        s = spec(m.hidden_size, m.intermediate_size, a_log.shape[1], m.time_step_rank, m.conv_kernel_size,
+                 conv_bias=m.conv1d.bias is not None)
         fast = isinstance(module, FastMambaMixer)
         hooks: frozenset[Hook] = frozenset(HOOKS) if fast else frozenset({"parallel_adapter"})
         runtime = "the project's FastMambaMixer" if fast else f"transformers' {type(module).__name__}"
@@ -86,8 +88,9 @@ def _dims(lm: nn.Module) -> ModelDims:
 
 def _dims_from_config(config: Any) -> ModelDims:
     c = config
-    return dims(c.hidden_size, c.intermediate_size, c.state_size, c.time_step_rank, c.conv_kernel,
-                c.num_hidden_layers, c.vocab_size)
+    d = dims(c.hidden_size, c.intermediate_size, c.state_size, c.time_step_rank, c.conv_kernel, c.num_hidden_layers,
+             c.vocab_size)
+    return replace(d, mixer=replace(d.mixer, conv_bias=c.use_conv_bias))
 
 
 ARCHITECTURE = register_architecture(Architecture(

@@ -40,7 +40,7 @@ from trials.models.interface import (
 
 
 def spec(D: int, I: int, N: int, K: int, H: int, P: int, G: int,  # noqa: E741,N803 (notation)
-         norm: bool = True) -> MixerSpec:
+         norm: bool = True, conv_bias: bool = True) -> MixerSpec:
     gn, conv = G * N, I + 2 * G * N
     blocks = (Block("z", 0, I), Block("x", I, 2 * I), Block("b", 2 * I, 2 * I + gn),
               Block("c", 2 * I + gn, 2 * I + 2 * gn), Block("dt", 2 * I + 2 * gn, 2 * I + 2 * gn + H))
@@ -55,7 +55,7 @@ def spec(D: int, I: int, N: int, K: int, H: int, P: int, G: int,  # noqa: E741,N
         dt_rank=0,
         projections=(Projection("in_proj", D, 2 * I + 2 * gn + H, blocks),
                      Projection("out_proj", I, D, hookable=False)),
-        tensors=tensors, state_shape=(H, P, N))
+        tensors=tensors, state_shape=(H, P, N), conv_bias=conv_bias)
 
 
 def _classes() -> tuple[type, ...]:
@@ -94,7 +94,8 @@ class Mamba2Kind:
     def bind(self, module: nn.Module, path: str) -> Mixer:
         m: Any = module
         s = spec(m.hidden_size, m.intermediate_size, m.ssm_state_size, m.conv_kernel_size, m.num_heads, m.head_dim,
-                 m.n_groups, norm=getattr(getattr(m, "norm", None), "weight", None) is not None)
+                 m.n_groups, norm=getattr(getattr(m, "norm", None), "weight", None) is not None,
+                 conv_bias=m.conv1d.bias is not None)
         project = _project_hooks(module)
         if project is not None:
             # The project's forward calls out_proj as a module and leaves the fused kernel when it has a forward
@@ -118,7 +119,7 @@ def dims_of(lm: nn.Module, model_type: str, side: tuple = ()) -> ModelDims:
 def _dims_from_config(config: Any) -> ModelDims:
     c = config
     mixer = spec(c.hidden_size, int(c.expand * c.hidden_size), c.state_size, c.conv_kernel, c.num_heads, c.head_dim,
-                 c.n_groups)
+                 c.n_groups, conv_bias=c.use_conv_bias)
     return ModelDims(model_type="mamba2", mixer=mixer, L=c.num_hidden_layers, V=c.vocab_size,
                      norms=c.num_hidden_layers + 1)
 
