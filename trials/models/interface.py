@@ -3,7 +3,10 @@
 A kind (Mamba-1, Mamba-2, ...) is one module of ``trials.models`` that registers a ``MixerKind``: it recognises its
 mixers, and describes them as a ``MixerSpec`` (sizes only, so closed-form counts need no model) plus the hooks
 their forward honours. Methods are written against ``Mixer`` (a spec bound to one mixer module) and ``ModelDims``
-(the whole model's sizes) only; they never read a mixer's attributes by name.
+(the whole model's sizes) only; they never reach into a mixer by attribute name (the one exception: additional-scan
+records the grown state in ``ssm_state_size``, which every transformers SSM mixer keeps). An architecture (a
+``model_type``) is registered with its kind and what it has besides (attention, MLP, MoE), so whether a method
+applies is known from the model type alone (``trials.methods.supported``).
 
 Notation (as peft-methods.md): D hidden, E (Mamba-2: I) inner width, N state size, K conv kernel, H heads,
 P head dim, G groups, R dt rank (Mamba-1), L SSM layers, V vocabulary.
