@@ -232,7 +232,7 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
     ("mamba", "lora_mlp_up", "mamba has no MLP layers"),
     ("mamba2", "sdt", "not implemented yet"),
     ("jamba", "lora_in_proj", "model_type 'jamba' is not supported"),
-    ("falcon_h1", "gated_norm_delta", "no norm tensor"),
+    ("falcon_h1", "gated_norm_delta", "falcon_h1's mixers are built without the norm tensor"),
     ("falcon_h1", "additional_scan", "the state cannot grow"),
     ("falcon_h1", "initial_state", "does not run falcon_h1's mixer"),
     ("nemotron_h", "lora_mlp_gate", "nemotron_h's MLP has no gate projection"),

@@ -72,9 +72,11 @@ class MixerDelta:
     def refusal(self, arch: Architecture) -> str | None:
         spec = layout(arch)
         missing = [r for r in self.roles if not spec.has_tensor(r)]
-        if missing:
-            return f"a {spec.kind} mixer has no {', '.join(missing)} tensor{self.note}"
-        return None
+        if not missing:
+            return None
+        if any(r in arch.lacks for r in missing):  # the kind has it, this architecture's models do not
+            return f"{arch.model_type}'s mixers are built without the {', '.join(missing)} tensor"
+        return f"a {spec.kind} mixer has no {', '.join(missing)} tensor{self.note}"
 
     def count(self, cfg: DeltaConfig, dims: ModelDims) -> int:
         return dims.L * sum(dims.mixer.tensor(r).numel for r in self.roles)
