@@ -9,22 +9,24 @@ also makes a bad checkpoint or data file an error before the first trial starts.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from space.config import ModelSpec, TaskSpec, TrialConfig
+from space.methods import MethodSpace
 from trials.data import TaskData
-from trials.methods import ModelDims, supported
+from trials.methods import ModelDims, config_refusals, supported
 from trials.model import load_base_model
 from trials.run import build_trial, expected_trainable, head_params, make_optimizer, quiet_transformers, trial_device
 from trials.tasks import load_task
 
 
 class Probe:
-    def __init__(self, model: ModelSpec, task: TaskSpec, methods: Iterable[str] = ()) -> None:
-        """``methods``: the space's method names; one the checkpoint's architecture does not support is an error
+    def __init__(self, model: ModelSpec, task: TaskSpec, methods: Iterable[str] | Mapping[str, Any] = ()) -> None:
+        """``methods``: the space's methods (names, or the space's ``methods`` mapping of name to method space); one
+        the checkpoint's architecture does not support, or a value of one that this model cannot take, is an error
         here, before any trial (``check_methods``)."""
         quiet_transformers()
         # Opened once with its weights, before any trial: another architecture, or a missing or unexpected weight,
@@ -43,13 +45,19 @@ class Probe:
         all apply)."""
         return {name: reason for name in methods if (reason := supported(name, self.model_type)) is not None}
 
-    def check_methods(self, methods: Iterable[str]) -> None:
-        """Raise ``ValueError`` naming every method of ``methods`` (a space's method names) that this checkpoint's
-        architecture does not support, with the reason, before any trial starts."""
-        refused = self.refusals(methods)
+    def check_methods(self, methods: Iterable[str] | Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming every method of ``methods`` that this checkpoint's architecture does not
+        support, with the reason; given the space's method spaces (a mapping), also every method with a value this
+        model cannot take (``trials.methods.config_refusals``: a LoRA rank above its block, dropout where it would be
+        skipped, ...). Called before any trial starts, so no trial fails on them."""
+        names = list(methods)
+        refused = {n: f"not supported on {self.model_type} ({r})" for n, r in self.refusals(names).items()}
+        if isinstance(methods, Mapping):
+            spaces = {n: s for n, s in methods.items() if n not in refused and isinstance(s, MethodSpace)}
+            refused.update({n: f"cannot be applied to this {self.model_type} checkpoint: {r}"
+                            for n, r in config_refusals(spaces, self.dims).items()})
         if refused:
-            raise ValueError("; ".join(f"methods.{name}: not supported on {self.model_type} ({reason})"
-                                       for name, reason in refused.items()))
+            raise ValueError("; ".join(f"methods.{name}: {reason}" for name, reason in refused.items()))
 
     def trainable(self, cfg: TrialConfig) -> int:
         """Closed-form trainable parameters of ``cfg``: its methods plus the task head (a baseline: the head alone, or

@@ -405,6 +405,37 @@ def test_mamba2_additional_scan_inserts_each_groups_new_b_and_c_rows_after_its_o
     torch.testing.assert_close(weight[-8:], before["in"][-8:])  # dt unchanged
 
 
+def test_values_a_model_cannot_take_are_refused_before_any_trial_naming_method_and_reason():
+    from space.config import SearchSpace
+    from trials.methods import config_refusals
+
+    dims = ModelDims.from_model(build("mamba2"))  # H = 8 dt rows, K = 4, D = 32
+    space = SearchSpace.model_validate({"methods": {
+        "lora_in_proj_dt": {"rank": {"low": 2, "high": 16}},  # the range's end exceeds the 8 dt rows
+        "lora_out_proj": {"dropout": {"choices": [0.0, 0.1]}},  # out_proj is not hookable under transformers' forward
+        "lora_conv1d": {"rank": 4},
+        "prodial_in_proj": {"block_size": {"choices": [8, 12]}},  # 12 does not divide D = 32
+        "lora_in_proj_b": {"rank": 2, "dropout": 0.1, "dora": {"choices": [False, True]}},
+        "a_log_delta": {},
+    }}).methods
+    refused = config_refusals(space, dims)
+    assert set(refused) == {"lora_in_proj_dt", "lora_out_proj", "prodial_in_proj", "lora_in_proj_b"}
+    assert "rank 16 exceeds the adapted block's smaller side 8" in refused["lora_in_proj_dt"]
+    assert "lora_out_proj.dropout 0.1: mixer.out_proj is not called as a module" in refused["lora_out_proj"]
+    assert "block_size 12 does not divide the input size 32" in refused["prodial_in_proj"]
+    assert "dropout with dora is not supported" in refused["lora_in_proj_b"]
+
+
+def test_the_probe_refuses_a_spaces_values_the_model_cannot_take():
+    from space.config import ModelSpec, SearchSpace, TaskSpec
+    from trials.probe import Probe
+
+    space = SearchSpace.model_validate({"methods": {"lora_x_proj_dt": {"rank": {"choices": [2, 8]}}}}).methods  # R = 4
+    with pytest.raises(ValueError, match=r"methods\.lora_x_proj_dt: cannot be applied to this mamba checkpoint: "
+                                         r"rank 8 exceeds the adapted block's smaller side 4"):
+        Probe(ModelSpec(checkpoint="embedded-tiny"), TaskSpec(name="digits", shots_per_class=2), methods=space)
+
+
 def test_every_method_is_supported_or_refused_with_a_reason_on_every_architecture():
     from trials.methods import support_table
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from trials.methods.api import (
     AppliedMethods,
     apply_methods,
+    config_refusals,
     count_params,
     load_adapters,
     merge_methods,
@@ -20,4 +21,5 @@ from trials.models.interface import ModelDims
 
 __all__ = ["APPLY_ORDER", "LORA_METHODS", "PARTIAL_METHODS", "REGISTRY", "AdditiveDelta", "AppliedMethods", "Lora",
            "LoraDelta", "Method", "MethodError", "MixerDelta", "ModelDims", "Prepared", "WarmUp", "apply_methods",
-           "count_params", "load_adapters", "merge_methods", "save_adapters", "support_table", "supported"]
+           "config_refusals", "count_params", "load_adapters", "merge_methods", "save_adapters", "support_table",
+           "supported"]

@@ -10,6 +10,7 @@ is changed (``trials.methods.registry.supported``).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from space.methods import MethodConfig, method_config
+from space.methods import METHOD_SPACES, MethodConfig, MethodSpace, method_config
+from space.params import candidates
 from trials.methods.base import MethodError
 from trials.methods.registry import APPLY_ORDER, REGISTRY, supported
 from trials.models.interface import HOOKS, ModelDims, architecture
@@ -64,6 +66,29 @@ def count_params(methods: Mapping[str, MethodConfig], dims: ModelDims) -> dict[s
         if name in methods:
             out[name] = REGISTRY[name].count(methods[name], dims)
             dims = _resized(name, methods[name], dims)
+    return out
+
+
+def config_refusals(spaces: Mapping[str, MethodSpace], dims: ModelDims) -> dict[str, str]:
+    """``{method: reason}`` for each method space with a value (a constant, a choice or a range's end, in any
+    combination) that a model of ``dims`` cannot take (a LoRA rank above its block, dropout where it would be
+    skipped, a ProDiaL block size that does not divide the input, SDT fractions that keep nothing): known before
+    any trial, where ``apply_methods`` would raise in the middle of a search."""
+    out: dict[str, str] = {}
+    for name, space in spaces.items():
+        check = getattr(REGISTRY.get(name), "check", None)
+        if check is None or space.enabled is False:
+            continue
+        fields = [f for f in type(space).model_fields if f != "enabled"]
+        for values in itertools.product(*(candidates(getattr(space, f)) for f in fields)):
+            try:
+                cfg = METHOD_SPACES[name][1](**dict(zip(fields, values, strict=True)))
+            except ValueError:
+                continue  # not a configuration the space can produce
+            reason = check(cfg, dims)
+            if reason is not None:
+                out[name] = reason
+                break
     return out
 
 

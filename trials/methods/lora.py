@@ -86,13 +86,31 @@ class LoraDelta(nn.Module):
         return output + correction.to(output.dtype)
 
 
-def check_dropout(name: str, where: str, hookable: bool, cfg: LoraConfig) -> None:
+def dropout_refusal(name: str, where: str, hookable: bool, cfg: LoraConfig) -> str | None:
     """LoRA dropout runs as a forward hook, so only on a layer called as a module on every path (``hookable``)."""
     if cfg.dropout > 0 and not hookable:
-        raise MethodError(f"{name}.dropout {cfg.dropout}: {where} is not called as a module on every path (its "
-                          "weight is read directly), so LoRA dropout there would be skipped; set dropout: 0")
+        return (f"{name}.dropout {cfg.dropout}: {where} is not called as a module on every path (its weight is read "
+                "directly), so LoRA dropout there would be skipped; set dropout: 0")
     if cfg.dropout > 0 and cfg.dora:
-        raise MethodError(f"{name}.dropout {cfg.dropout}: dropout with dora is not supported; set dropout: 0")
+        return f"{name}.dropout {cfg.dropout}: dropout with dora is not supported; set dropout: 0"
+    return None
+
+
+def rank_refusal(cfg: LoraConfig, rows: int, in_features: int, where: str) -> str | None:
+    if cfg.rank > min(rows, in_features):
+        return f"rank {cfg.rank} exceeds the adapted block's smaller side {min(rows, in_features)} ({where})"
+    return None
+
+
+def lora_refusal(name: str, where: str, cfg: LoraConfig, rows: int, in_features: int, hookable: bool) -> str | None:
+    """Why ``cfg`` cannot adapt a block of ``rows`` x ``in_features`` at ``where``, or None."""
+    return dropout_refusal(name, where, hookable, cfg) or rank_refusal(cfg, rows, in_features, f"{name}: {where}")
+
+
+def check_dropout(name: str, where: str, hookable: bool, cfg: LoraConfig) -> None:
+    reason = dropout_refusal(name, where, hookable, cfg)
+    if reason:
+        raise MethodError(reason)
 
 
 def add_lora(module: Any, cfg: LoraConfig, start: int = 0, stop: int | None = None,
@@ -101,9 +119,9 @@ def add_lora(module: Any, cfg: LoraConfig, start: int = 0, stop: int | None = No
     weight = module.weight
     out_f, in_f = weight.shape[0], weight[0].numel()
     stop = out_f if stop is None else stop
-    if cfg.rank > min(stop - start, in_f):
-        raise MethodError(f"rank {cfg.rank} exceeds the adapted block's smaller side {min(stop - start, in_f)} "
-                          f"({where})")
+    reason = rank_refusal(cfg, stop - start, in_f, where)
+    if reason:
+        raise MethodError(reason)
     delta = LoraDelta(out_f, in_f, cfg.rank, cfg.effective_scale, start, stop,
                       dora_init=weight if cfg.dora else None).to(weight.device)
     parametrize.register_parametrization(module, "weight", delta)
@@ -141,6 +159,12 @@ class Lora:
             return None
         return f"a {spec.kind} mixer has no {what}{self.instead}"
 
+    def check(self, cfg: LoraConfig, dims: ModelDims) -> str | None:
+        """Why ``cfg`` cannot be applied to a model of these sizes (rank, dropout), or None."""
+        start, stop = self._rows(dims.mixer)
+        proj = dims.mixer.projection(self.projection)
+        return lora_refusal(self.name, f"mixer.{self.projection}", cfg, stop - start, proj.in_features, proj.hookable)
+
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         start, stop = self._rows(dims.mixer)
         magnitude = stop - start if cfg.dora else 0
@@ -166,6 +190,10 @@ class ConvLora(Lora):
 
     def refusal(self, arch: Architecture) -> str | None:
         return None if layout(arch).has_tensor("conv_weight") else f"a {arch.kind} mixer has no conv1d"
+
+    def check(self, cfg: LoraConfig, dims: ModelDims) -> str | None:
+        c, k = dims.mixer.conv_channels, dims.mixer.conv_kernel
+        return lora_refusal(self.name, "mixer.conv1d", cfg, c, k, hookable=False)
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         c, k = dims.mixer.conv_channels, dims.mixer.conv_kernel
@@ -197,6 +225,13 @@ class SideLora:
         if self.target in arch.lacks:
             return f"{arch.model_type}'s {family} has no {self.target.partition('_')[2]} projection"
         return None
+
+    def check(self, cfg: LoraConfig, dims: ModelDims) -> str | None:
+        t = dims.side_target(self.target)
+        if t is None:
+            return None
+        start, stop = t.rows or (0, t.out_features)
+        return lora_refusal(self.name, self.target, cfg, stop - start, t.in_features, hookable=True)
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         t = dims.side_target(self.target)
@@ -256,6 +291,13 @@ class ExpertLora:
     def refusal(self, arch: Architecture) -> str | None:
         return None if arch.moe else f"{arch.model_type} has no MoE experts ({self.target} exists on MoE hybrids only)"
 
+    def check(self, cfg: LoraConfig, dims: ModelDims) -> str | None:
+        t = dims.side_target(self.target)
+        if t is None:
+            return None
+        start, stop = t.rows or (0, t.out_features)
+        return lora_refusal(self.name, f"the experts' {self.target}", cfg, stop - start, t.in_features, hookable=False)
+
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         t = dims.side_target(self.target)
         if t is None:
@@ -271,11 +313,10 @@ class ExpertLora:
             raise MethodError(f"{self.name}: {type(lm).__name__} has no MoE experts (num_local_experts is 0?)")
         params = []
         for path, module, attr, (start, stop) in found:
-            check_dropout(self.name, f"{path}.{attr}", False, cfg)
             weight = getattr(module, attr)
-            if cfg.rank > min(stop - start, weight.shape[2]):
-                raise MethodError(f"rank {cfg.rank} exceeds the adapted block's smaller side "
-                                  f"{min(stop - start, weight.shape[2])} ({self.name}: {path}.{attr})")
+            reason = lora_refusal(self.name, f"{path}.{attr}", cfg, stop - start, weight.shape[2], hookable=False)
+            if reason:
+                raise MethodError(reason)
             delta = ExpertLoraDelta(weight, cfg.rank, cfg.effective_scale, start, stop, cfg.dora).to(weight.device)
             parametrize.register_parametrization(module, attr, delta)
             params += [delta.lora_A, delta.lora_B] + ([delta.magnitude] if delta.magnitude is not None else [])
@@ -293,6 +334,9 @@ class EmbeddingLora:
 
     def refusal(self, arch: Architecture) -> str | None:
         return None
+
+    def check(self, cfg: LoraConfig, dims: ModelDims) -> str | None:
+        return lora_refusal(self.name, "the embeddings", cfg, dims.V, dims.D, hookable=False)
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         return cfg.rank * (dims.V + dims.D) + (dims.V if cfg.dora else 0)
@@ -327,6 +371,9 @@ class LoraPreset:
 
     def refusal(self, arch: Architecture) -> str | None:
         return None if self._present(arch) else f"none of {[m.name for m in self.members]} applies to {arch.kind}"
+
+    def check(self, cfg: LoraConfig, dims: ModelDims) -> str | None:
+        return next((r for m in self._present(architecture_of(dims.model_type)) if (r := m.check(cfg, dims))), None)
 
     def count(self, cfg: LoraConfig, dims: ModelDims) -> int:
         return sum(m.count(cfg, dims) for m in self._present(architecture_of(dims.model_type)))

@@ -56,6 +56,17 @@ class Prodial:
         spec = layout(arch)
         return None if spec.has_projection(self.projection) else f"a {spec.kind} mixer has no {self.projection}"
 
+    def check(self, cfg: ProdialConfig, dims: ModelDims) -> str | None:
+        proj = dims.mixer.projection(self.projection)
+        return self._refusal(cfg, proj.out_features, proj.in_features, f"mixer.{self.projection}")
+
+    def _refusal(self, cfg: ProdialConfig, out_f: int, in_f: int, where: str) -> str | None:
+        if in_f % cfg.block_size:
+            return f"{self.name}.block_size {cfg.block_size} does not divide the input size {in_f} of {where}"
+        if cfg.rank > min(in_f, out_f):
+            return f"{self.name}.rank {cfg.rank} exceeds the smaller side {min(in_f, out_f)} of {where}"
+        return None
+
     def count(self, cfg: ProdialConfig, dims: ModelDims) -> int:
         proj = dims.mixer.projection(self.projection)
         out_f, in_f = proj.out_features, proj.in_features
@@ -66,13 +77,9 @@ class Prodial:
         for mixer in mixers(lm):
             module = mixer.projection(self.projection)
             out_f, in_f = module.weight.shape
-            where = f"{mixer.path}.{self.projection}"
-            if in_f % cfg.block_size:
-                raise MethodError(f"{self.name}.block_size {cfg.block_size} does not divide the input size {in_f} "
-                                  f"of {where}")
-            if cfg.rank > min(in_f, out_f):
-                raise MethodError(f"{self.name}.rank {cfg.rank} exceeds the smaller side {min(in_f, out_f)} of "
-                                  f"{where}")
+            reason = self._refusal(cfg, out_f, in_f, f"{mixer.path}.{self.projection}")
+            if reason:
+                raise MethodError(reason)
             transform = ProdialTransform(out_f, in_f, cfg.block_size, cfg.rank, cfg.scale).to(module.weight.device)
             parametrize.register_parametrization(module, "weight", transform)
             params += list(transform.parameters())

@@ -127,6 +127,13 @@ class Sdt:
             return sdt
         return warmup_selection(cfg, warm_up)
 
+    def check(self, cfg: SdtConfig, dims: ModelDims) -> str | None:
+        try:
+            kept_sizes(cfg, dims.E, dims.N)
+        except MethodError as e:
+            return str(e)
+        return None
+
     def count(self, cfg: SdtConfig, dims: ModelDims) -> int:
         c, s = kept_sizes(cfg, dims.E, dims.N)
         return dims.L * (c * s + 2 * dims.N * c)
