@@ -60,9 +60,10 @@ def trainable(config: dict[str, Any]) -> None:
         tune.report(failure_report(exc))
 
 
-def space_methods(space: SearchSpace) -> list[str]:
-    """The methods a trial of ``space`` may use (on, or searched): each must apply to the checkpoint's architecture."""
-    return [name for name, method in space.methods.items() if method.enabled is not False]
+def space_methods(space: SearchSpace) -> dict[str, Any]:
+    """The methods a trial of ``space`` may use (on, or searched), with their spaces: each must apply to the
+    checkpoint's architecture, with every value it may take (the probe checks both before any trial)."""
+    return {name: method for name, method in space.methods.items() if method.enabled is not False}
 
 
 def worker_niceness() -> None:
@@ -398,7 +399,7 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     class ProbeActor:
         """The closed-form sizes, in a worker process: the driver imports no torch."""
 
-        def __init__(self, model: Any, task: Any, methods: list[str]) -> None:
+        def __init__(self, model: Any, task: Any, methods: dict[str, Any]) -> None:
             from trials.probe import Probe
 
             # An error here (a bad checkpoint, task or method) is raised by info(): as a task's error it keeps its
