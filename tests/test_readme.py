@@ -1,4 +1,4 @@
-"""The README's Python API example runs as written."""
+"""The README's Python API example runs as written, and its method x architecture table says what the code does."""
 
 from __future__ import annotations
 
@@ -24,3 +24,20 @@ def test_readme_api_example_runs(tmp_path, capsys):
     assert counts is not None and printed.strip() == counts.group(1)
     assert (tmp_path / "adapter" / "adapter.safetensors").exists()
     assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_the_readme_table_of_methods_by_architecture_says_what_supported_says():
+    from trials.methods.registry import REGISTRY, supported
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| method | mamba | mamba2 |"):].split("\n\n")[0].splitlines()
+    archs = [a.strip() for a in table[0].strip("|").split("|")[1:]]
+    seen: set[str] = set()
+    for row in table[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        names = re.findall(r"`([a-z0-9_]+)`", cells[0])
+        seen.update(names)
+        for arch, cell in zip(archs, cells[1:], strict=True):
+            for name in names:
+                assert (supported(name, arch) is None) == cell.startswith("yes"), (name, arch, cell)
+    assert seen == set(REGISTRY)
