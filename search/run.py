@@ -458,7 +458,7 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     # From here every way out ends the search run (and its trial runs) with a clear state.
     status = results.STATUS_FAILED
     searcher: PeftSearcher | None = None
-    callback = MlflowTrialCallback(parent, space, echo=echo)
+    callback = MlflowTrialCallback(parent, space, echo=echo, base_params=base_params)
     stopped: list[str] = []
     try:
         storage = settled(lambda: optuna.storages.RDBStorage(storage_url))  # two searches may create its schema

@@ -151,8 +151,9 @@ class MlflowTrialCallback(Callback):
     their child run here too, so MLflow holds every trial the Optuna studies hold, in the same words.
     """
 
-    def __init__(self, search: SearchRun, space: SearchSpace, echo=print) -> None:
+    def __init__(self, search: SearchRun, space: SearchSpace, echo=print, base_params: int | None = None) -> None:
         self.search = search
+        self.base_params = base_params  # the base model's parameter count, a param of every trial run
         self.space = space
         self.quality = space.quality
         self.echo = echo
@@ -173,7 +174,8 @@ class MlflowTrialCallback(Callback):
             "mlflow.parentRunId": self.search.run_id, "mps.kind": "trial", "mps.summary": cfg.summary(),
             "mps.phase": phase, **tags})
         run_id = run.info.run_id
-        self._client().log_batch(run_id, params=[_param(k, v) for k, v in {**params, "seed": cfg.seed}.items()])
+        base = {"base_params": self.base_params} if self.base_params is not None else {}
+        self._client().log_batch(run_id, params=[_param(k, v) for k, v in {**params, "seed": cfg.seed, **base}.items()])
         self._client().log_text(run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
         return run_id
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from search import results
 from search.export import main as export_main
 from search.run import main as search_main
 from tests.search.test_end_to_end import check_search_and_export
+from trials.model import load_base_model
 from trials.models.fixtures import write_fixture
 from trials.train import load_trained
 from trials.train import main as train_main
@@ -52,6 +54,10 @@ def test_a_search_on_the_architecture_trains_exports_and_merges_into_a_model_of_
     assert search_main([str(space)]) == 0
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     check_search_and_export(tmp_path, uri, 3)
+    c = results.client(uri)
+    trial_runs = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+    base = sum(p.numel() for p in load_base_model(checkpoint).parameters())
+    assert {c.get_run(r).data.params["base_params"] for r in trial_runs.run_id} == {str(base)}  # every trial
 
     out = tmp_path / "trained"
     assert train_main([str(tmp_path / "best.yaml"), "--out", str(out)]) == 0
