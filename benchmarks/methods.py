@@ -91,11 +91,13 @@ def measure(*case: Any) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     from space.methods import METHOD_SPACES
+    from trials.methods.registry import supported
 
+    on_mamba1 = [m for m in METHOD_SPACES if supported(m, "mamba") is None]  # both configs are Mamba-1 models
     p = argparse.ArgumentParser(prog="python -m benchmarks.methods", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--methods", nargs="+", choices=list(METHOD_SPACES), default=list(METHOD_SPACES))
+    p.add_argument("--methods", nargs="+", choices=on_mamba1, default=on_mamba1)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
