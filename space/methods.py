@@ -193,7 +193,12 @@ class SdtSpace(MethodSpace):
     dense delta on A_log; per layer it keeps the top E - round(freeze_channel * E) channels and, per kept channel,
     the top N - round(freeze_state * N) states; the trial then tunes zero-init deltas only on those A_log entries
     and on the kept channels' columns of x_proj's B and C rows. Fractions that keep no channel or state of the
-    model are an error when the trial is built. Pair with ``lora_out_proj`` (rank 8) for SDLoRA."""
+    model are an error when the trial is built. Pair with ``lora_out_proj`` (rank 8) for SDLoRA.
+
+    On Mamba-2 the same fields select heads and their channels (``trials.methods.sdt``): the warm-up also trains
+    a conv1d delta; the top max(1, H - round(freeze_channel * H)) heads by their A_log delta are kept and, in
+    each, the top P - round(freeze_state * P) channels by their conv delta; the trial tunes A_log at the kept heads
+    and in_proj's x rows of the kept channels."""
 
     freeze_channel: Fraction = 0.99
     freeze_state: Fraction = 0.75
@@ -202,7 +207,8 @@ class SdtSpace(MethodSpace):
 
 
 class SdtLayer(Strict):
-    """One layer's SDT selection: the kept channels and, for each, its kept A_log state indices."""
+    """One layer's SDT selection: the kept channels and, for each, its kept A_log state indices (Mamba-2: the kept
+    heads and, for each, its kept channels within the head, 0..P-1)."""
 
     channels: tuple[int, ...]
     states: tuple[tuple[int, ...], ...]

@@ -151,8 +151,21 @@ def build(arch: str):
     return BUILDERS[arch]().eval()
 
 
-def methods_of(combo) -> dict:
-    return {name.split("+")[0]: config(name) for name in combo}
+def methods_of(combo, lm=None) -> dict:
+    """The configs of ``combo``; SDT's with a selection fitted to ``lm`` (what its warm-up would hand it), drawn
+    from seeded random warm-up deltas."""
+    methods = {name.split("+")[0]: config(name) for name in combo}
+    if "sdt" in methods and lm is not None:
+        from trials.methods.sdt import select_heads
+
+        mixer = ModelDims.from_model(lm).mixer
+        gen = torch.Generator().manual_seed(5)
+        layers = len(mixer_kinds(lm))
+        a_log = [torch.randn(mixer.heads, generator=gen) for _ in range(layers)]
+        conv = [torch.randn(mixer.conv_channels, 1, mixer.conv_kernel, generator=gen) for _ in range(layers)]
+        selection = select_heads(a_log, conv, mixer.head_dim, methods["sdt"])
+        methods["sdt"] = methods["sdt"].model_copy(update={"selection": tuple(selection)})
+    return methods
 
 
 @pytest.fixture
@@ -165,7 +178,7 @@ def test_measured_count_equals_closed_form(case):
     arch, combo = case
     lm = build(arch)
     dims = ModelDims.from_model(lm)
-    methods = methods_of(combo)
+    methods = methods_of(combo, lm)
     apply_methods(lm, methods)
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     assert trainable == sum(count_params(methods, dims).values()) > 0
@@ -176,7 +189,7 @@ def test_every_tensor_is_live_and_changes_the_output(case, ids):
     arch, combo = case
     lm = build(arch)
     before = forward(lm, ids).detach()
-    methods = methods_of(combo)
+    methods = methods_of(combo, lm)
     applied = apply_methods(lm, methods)
     if all(getattr(REGISTRY[n], "identity_at_init", True) for n in methods):
         torch.testing.assert_close(forward(lm, ids), before, rtol=1e-5, atol=1e-5)
@@ -198,7 +211,7 @@ MERGEABLE += [(arch, tuple(n for n in methods_for(arch) if "+" not in n and REGI
 def test_merged_plain_checkpoint_reloads_with_the_same_logits(case, ids, tmp_path):
     arch, combo = case
     lm = build(arch)
-    applied = apply_methods(lm, methods_of(combo))
+    applied = apply_methods(lm, methods_of(combo, lm))
     perturb(applied)
     adapted = forward(lm, ids).detach()
     merge_methods(lm)
@@ -212,7 +225,7 @@ def test_merged_plain_checkpoint_reloads_with_the_same_logits(case, ids, tmp_pat
 def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
     combo = tuple(n for n in methods_for(arch) if "+" not in n)
     lm = build(arch)
-    methods = methods_of(combo)
+    methods = methods_of(combo, lm)
     applied = apply_methods(lm, methods)
     perturb(applied)
     adapted = forward(lm, ids).detach()
@@ -230,7 +243,6 @@ def test_saved_adapters_load_back_onto_a_fresh_base_model(arch, ids, tmp_path):
     ("mamba", "gated_norm_delta", "no norm tensor"),
     ("mamba2", "lora_attn_q", "mamba2 has no attention layers"),
     ("mamba", "lora_mlp_up", "mamba has no MLP layers"),
-    ("mamba2", "sdt", "not implemented yet"),
     ("jamba", "lora_in_proj", "model_type 'jamba' is not supported"),
     ("falcon_h1", "gated_norm_delta", "falcon_h1's mixers are built without the norm tensor"),
     ("falcon_h1", "additional_scan", "the state cannot grow"),
