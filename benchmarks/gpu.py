@@ -360,12 +360,25 @@ def fallback_reason(lm: Any, watch: KernelWatch) -> str:
     return "the fused kernel cannot apply " + ", ".join(hooks) if hooks else ""
 
 
+def path_taken(lm: Any, watch: KernelWatch, device: str) -> tuple[str, str]:
+    """The path the fused run of ``lm`` took (``cpu``, ``fused``, ``partly fused``, ``torch``, or ``transformers``
+    for a mixer the project's mixers do not cover) and, unless fused, why."""
+    from trials.models.loading import arch_of
+    from trials.models.mamba2_mixer import FAST_CLASSES
+
+    if torch.device(device).type != "cuda":
+        return "cpu", ""
+    if arch_of(lm).mixer_class not in {cls.__name__ for cls in FAST_CLASSES} | {"MambaMixer"}:
+        return "transformers", "the project's mixer does not cover this mixer"
+    path = "torch" if watch.calls == 0 else "partly fused" if watch.messages else "fused"
+    return path, "" if path == "fused" else fallback_reason(lm, watch)
+
+
 def run_case(model_type: str, method: str, device: str, length: int, batch: int, steps: int,
              seed: int) -> dict[str, Any]:
     """One (architecture, method) cell of the matrix: outputs and gradients against CPU, step times, peak memory
     and the path taken (see the module docstring)."""
-    from trials.models.loading import ARCHITECTURES, use_scan
-    from trials.models.mamba2_mixer import FAST_CLASSES
+    from trials.models.loading import use_scan
 
     row: dict[str, Any] = {"arch": model_type, "method": method}
     try:
@@ -383,14 +396,7 @@ def run_case(model_type: str, method: str, device: str, length: int, batch: int,
         use_scan(lm, "torch")
         with watched_kernels(fused=False):
             row["torch_ms"], row["torch_mb"] = train_step_time(lm, params, ids.to(device), steps)
-        covered = {cls.__name__ for cls in FAST_CLASSES} | {"MambaMixer"}
-        if torch.device(device).type != "cuda":
-            row["path"], row["reason"] = "cpu", ""
-        elif ARCHITECTURES[model_type].mixer_class not in covered:
-            row["path"], row["reason"] = "transformers", "the project's mixer does not cover this mixer"
-        else:
-            row["path"] = ("torch" if watch.calls == 0 else "partly fused" if watch.messages else "fused")
-            row["reason"] = "" if row["path"] == "fused" else fallback_reason(lm, watch)
+        row["path"], row["reason"] = path_taken(lm, watch, device)
     except Exception as exc:  # one broken case must not hide the others: it is reported as a row and counted
         row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return row

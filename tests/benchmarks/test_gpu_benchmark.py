@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import benchmarks.gpu as gpu
-from benchmarks.gpu import compare, main, matrix_methods, run_matrix, watched_kernels
+from benchmarks.gpu import KernelWatch, compare, main, matrix_methods, path_taken, run_matrix, watched_kernels
 
 # Methods that take every path of the mixers: a weight delta (parametrised in_proj), a per-head tensor, SDT's
 # seeded selection, a larger state, a hook the fused kernel takes (initial state) and hooks it cannot.
@@ -102,3 +102,24 @@ def test_on_cuda_every_architecture_matches_the_cpu_path_and_lora_runs_the_fused
             assert by_case[(arch, "lora_in_proj")]["path"] == "fused", by_case[(arch, "lora_in_proj")]
         assert by_case[("mamba2", "parallel_adapter")]["path"] == "torch"
         assert "parallel_adapter" in by_case[("mamba2", "parallel_adapter")]["reason"]
+
+
+def test_path_names_the_fused_kernel_a_fallback_and_its_reason(monkeypatch):
+    import trials.mixer as mamba1_mixer
+    from trials.models.fixtures import tiny_model
+    from trials.models.loading import use_scan
+
+    mamba2 = use_scan(tiny_model("mamba2"), "auto")
+    said = ["FastMamba2Mixer: torch SSD path on CUDA because the fused kernel cannot apply parallel_adapter"]
+    assert path_taken(mamba2, KernelWatch(calls=4), "cuda") == ("fused", "")
+    assert path_taken(mamba2, KernelWatch(calls=0, messages=said), "cuda") == ("torch", said[0])
+    assert path_taken(mamba2, KernelWatch(calls=2, messages=said), "cuda")[0] == "partly fused"
+    assert path_taken(mamba2, KernelWatch(calls=4), "cpu") == ("cpu", "")
+    assert path_taken(use_scan(tiny_model("falcon_h1"), "auto"), KernelWatch(), "cuda")[0] == "transformers"
+    # Mamba-1's mixer does not log: the reason is read from the hooks set on it
+    mamba = use_scan(tiny_model("mamba"), "auto")
+    mamba.backbone.layers[0].mixer.initial_state = torch.nn.Parameter(torch.zeros(64, 4))
+    monkeypatch.setattr(mamba1_mixer, "_cuda_kernels", lambda: print)
+    assert path_taken(mamba, KernelWatch(), "cuda") == ("torch", "the fused kernel cannot apply initial_state")
+    monkeypatch.setattr(mamba1_mixer, "_cuda_kernels", lambda: None)
+    assert path_taken(mamba, KernelWatch(), "cuda") == ("torch", "mamba-ssm is not installed")
