@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from search.faults import failure_report
-from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space
+from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space, with_local_paths
 from space.metrics import WORST, size_metric, test_metric
 from space.secrets import mask
 
@@ -228,7 +228,8 @@ def with_overrides(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        space = with_overrides(load_space(args.space), args)
+        # Relative paths name files where the command runs; trials run in their own directories (Ray Tune's).
+        space = with_local_paths(with_overrides(load_space(args.space), args), Path.cwd())
     except SpaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -824,6 +824,25 @@ _UNION_TAGS = {"int", "float", "bool", "str", "IntRange", "FloatRange", "Choices
                "function-after[_check(), IntRange]", "function-after[_check(), FloatRange]"}
 
 
+def with_local_paths(space: SearchSpace, base: Path) -> SearchSpace:
+    """``space`` with its relative local paths made absolute against ``base`` (the directory the search is started
+    from): the data files, and the checkpoint, tokenizer and ``hf_dataset`` where ``base`` holds them (otherwise they
+    are hub ids). Trials run elsewhere: Ray Tune starts each in its own directory, a cluster's workers in theirs."""
+
+    def local(value: str) -> str:
+        path = Path(value).expanduser()
+        return str((base / path).resolve()) if not path.is_absolute() and (base / path).exists() else value
+
+    task = space.task.model_copy(update={
+        "files": {split: str((base / Path(f).expanduser()).resolve()) for split, f in space.task.files.items()},
+        "hf_dataset": local(space.task.hf_dataset) if space.task.hf_dataset else None})
+    checkpoint, tokenizer = space.model.checkpoint, space.model.tokenizer
+    model = space.model.model_copy(update={
+        "checkpoint": checkpoint if checkpoint.startswith("embedded") else local(checkpoint),
+        "tokenizer": tokenizer if tokenizer in ("auto", "bytes") else local(tokenizer)})
+    return space.model_copy(update={"task": task, "model": model})
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate space.yaml; every problem is reported with its key path."""
     path = Path(path)

@@ -369,3 +369,33 @@ search: {{num_trials: 2, results_dir: {tmp_path / 'runs'}}}
     c = results.client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     with pytest.raises(results.ResultsError):
         results.latest_search(c, "mamba-peft-search")  # no search run was created
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_relative_data_paths_name_files_where_the_search_is_started_though_trials_run_elsewhere(tmp_path,
+                                                                                                monkeypatch):
+    """Ray Tune runs each trial in its own directory: a relative CSV path must still reach the user's file."""
+    import csv
+
+    data = tmp_path / "data"
+    data.mkdir()
+    words = {"GPL": "copyleft derivative source distribute", "MIT": "permission notice without warranty"}
+    for split, n in (("train", 12), ("val", 6), ("test", 6)):
+        with open(data / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows((f"{words[label]} {i}", label) for i in range(n) for label in words)
+    (tmp_path / "space.yaml").write_text("""
+model: {checkpoint: embedded}
+task: {name: csv, files: {train: data/train.csv, validation: data/val.csv, test: data/test.csv}}
+methods: {lora_in_proj: {enabled: true, rank: 1}}
+training: {budget: {min_steps: 2, max_steps: 4}, batch_size: 4, learning_rate: {low: 0.001, high: 0.01}}
+search: {num_trials: 2, concurrency: 2, reevaluate: {top: 0}, results_dir: runs}
+""")
+    monkeypatch.chdir(tmp_path)
+    assert search_main(["space.yaml"]) == 0
+    c = results.client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+    assert list(df.status) == ["finished", "finished"]
+    assert str(data / "train.csv") in results.trial_config_text(c, df.run_id.iloc[0])  # the exported config too

@@ -230,3 +230,19 @@ def test_stage1_pins_sizes_to_the_smallest_and_searches_only_the_switches():
     assert stage1.methods["lora_in_proj"].rank == 2 and abs(stage1.methods["lora_in_proj"].scale - 0.4) < 1e-9
     assert abs(stage1.training.learning_rate - 5.5e-3) < 1e-12
     assert "d_delta" not in stage1.methods
+
+
+def test_relative_data_checkpoint_and_tokenizer_paths_become_absolute_against_the_directory_of_the_command(tmp_path):
+    from space.config import with_local_paths
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ckpt").mkdir()
+    space = SearchSpace.model_validate({
+        "model": {"checkpoint": "ckpt", "tokenizer": "ckpt"},
+        "task": {"name": "csv", "files": {"train": "data/train.csv", "validation": "/abs/val.csv"}}})
+    out = with_local_paths(space, tmp_path)
+    assert out.task.files == {"train": str(tmp_path / "data" / "train.csv"), "validation": "/abs/val.csv"}
+    assert out.model.checkpoint == out.model.tokenizer == str(tmp_path / "ckpt")
+    hub = SearchSpace.model_validate({"model": {"checkpoint": "state-spaces/mamba-130m-hf"}})
+    assert with_local_paths(hub, tmp_path).model.checkpoint == "state-spaces/mamba-130m-hf"  # not here: a hub id
+    assert with_local_paths(SearchSpace(), tmp_path).model.checkpoint == "embedded"
