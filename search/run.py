@@ -546,12 +546,19 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
         echo(line)
     refs = results.baselines(df)
     if not refs.empty:
+        from space.config import baseline_trial
+
         echo("baselines (references, not candidates of the front):")
         test = test_metric(space.quality)
+        rates = {baseline_trial(space, b).summary(): (baseline_trial(space, b).training.learning_rate,
+                                                      b.learning_rate is not None) for b in space.search.baselines}
         for _, row in refs.iterrows():
+            lr, own = rates.get(str(row.get("methods", "")), (float("nan"), True))
             echo(f"  {row.get('methods', ''):<28} {space.quality} {float(row.get(space.quality, float('nan'))):.3f}  "
                  f"{test} {float(row.get(test, float('nan'))):.3f}  "
-                 f"trainable_params {int(row.get('trainable_params', 0)):,}")
+                 f"trainable_params {int(row.get('trainable_params', 0)):,}  learning rate {lr:.2g}"
+                 + ("" if own else " (the space's middle, not tuned for it: set search.baselines[].learning_rate, "
+                                   "or compare with python -m trials.compare)"))
     echo("")
     for line in next_commands(mask(uri), space.tracking.experiment, parent.run_id, run_name):
         echo(line)

@@ -374,7 +374,7 @@ search: {{num_trials: 2, results_dir: {tmp_path / 'runs'}}}
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_relative_data_paths_name_files_where_the_search_is_started_though_trials_run_elsewhere(tmp_path,
-                                                                                                monkeypatch):
+                                                                                                monkeypatch, capsys):
     """Ray Tune runs each trial in its own directory: a relative CSV path must still reach the user's file."""
     import csv
 
@@ -391,11 +391,18 @@ model: {checkpoint: embedded}
 task: {name: csv, files: {train: data/train.csv, validation: data/val.csv, test: data/test.csv}}
 methods: {lora_in_proj: {enabled: true, rank: 1}}
 training: {budget: {min_steps: 2, max_steps: 4}, batch_size: 4, learning_rate: {low: 0.001, high: 0.01}}
-search: {num_trials: 2, concurrency: 2, reevaluate: {top: 0}, results_dir: runs}
+search: {num_trials: 2, concurrency: 2, reevaluate: {top: 0}, results_dir: runs,
+         baselines: [full, {name: head, learning_rate: 0.01}]}
 """)
     monkeypatch.chdir(tmp_path)
     assert search_main(["space.yaml"]) == 0
+    out = capsys.readouterr().out
+    # Each baseline says its learning rate, and whether it was its own or the searched range's middle.
+    full, = [line for line in out.splitlines() if "  baseline: full fine-tuning " in line]
+    head, = [line for line in out.splitlines() if "  baseline: head only " in line]
+    assert "learning rate 0.0055 (the space's middle, not tuned for it" in full  # (0.001 + 0.01) / 2
+    assert head.rstrip().endswith("learning rate 0.01")
     c = results.client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
-    assert list(df.status) == ["finished", "finished"]
+    assert list(df[df.phase != "baseline"].status) == ["finished", "finished"]
     assert str(data / "train.csv") in results.trial_config_text(c, df.run_id.iloc[0])  # the exported config too
