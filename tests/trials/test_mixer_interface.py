@@ -109,3 +109,13 @@ def test_an_unsupported_architecture_names_itself_and_the_supported_ones():
     with pytest.raises(ArchitectureError, match="has no SSM mixer"):
         mixer_kinds(torch.nn.Linear(2, 2))
     assert architecture_of("mamba2").kind == "mamba2" and Mamba2Config().model_type == "mamba2"
+
+
+def test_every_architecture_that_loads_has_a_mixer_kind_and_no_other_does():
+    """The loader's table (what a checkpoint may be) and the interface's registry (what the methods know) agree."""
+    from trials.models import interface
+    from trials.models.loading import ARCHITECTURES
+
+    for model_type in ARCHITECTURES:
+        assert interface.architecture_of(model_type) is not None, model_type
+    assert set(interface.ARCHITECTURES) == set(ARCHITECTURES)
