@@ -255,6 +255,11 @@ METHOD_SPACES: dict[str, tuple[type[MethodSpace], type[MethodConfig]]] = {
     "lora_moe_up": _LORA,
     "lora_moe_down": _LORA,
     "prodial_in_proj": (ProdialSpace, ProdialConfig),
+    "prodial_in_proj_x": (ProdialSpace, ProdialConfig),  # one block of in_proj's rows, as the LoRA blocks
+    "prodial_in_proj_z": (ProdialSpace, ProdialConfig),
+    "prodial_in_proj_b": (ProdialSpace, ProdialConfig),  # Mamba-2 (and hybrids) only
+    "prodial_in_proj_c": (ProdialSpace, ProdialConfig),
+    "prodial_in_proj_dt": (ProdialSpace, ProdialConfig),
     "prodial_out_proj": (ProdialSpace, ProdialConfig),
     "a_log_delta": _DELTA,  # A-tuning
     "d_delta": _DELTA,  # D-tuning

@@ -283,3 +283,31 @@ def test_initial_state_is_the_scan_start(tiny_lm, tiny_ids):
         want = forward(lm, tiny_ids)
     assert (want - before).abs().amax() > 1e-2  # h0 moves the outputs, so the comparison below can fail
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # fp32: the scans differ only in summation order
+
+
+@pytest.mark.parametrize(("model_type", "block"), [("mamba", "z"), ("mamba2", "b"), ("mamba2", "dt")])
+def test_prodial_on_a_block_transforms_that_block_s_rows_only_as_prodial_on_those_rows_would(model_type, block):
+    from space.methods import method_config
+    from trials.methods.prodial import ProdialTransform
+    from trials.models.fixtures import tiny_model
+    from trials.models.interface import mixer_kinds
+
+    lm = tiny_model(model_type, seed=0)
+    name = f"prodial_in_proj_{block}"
+    cfg = method_config(name, {"block_size": 4, "rank": 2})
+    (first, *_) = mixer_kinds(lm)
+    rows = first.spec.projection("in_proj").block(block)
+    pretrained = first.projection("in_proj").weight.detach().clone()  # [out, in]
+    applied = apply_methods(lm, {name: cfg})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in applied.params[name]:
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        transform = first.projection("in_proj").parametrizations["weight"][0].inner
+        assert isinstance(transform, ProdialTransform)
+        effective = first.projection("in_proj").weight  # [out, in]
+    outside = torch.ones(pretrained.shape[0], dtype=torch.bool)
+    outside[rows.start:rows.stop] = False
+    torch.testing.assert_close(effective[outside], pretrained[outside], rtol=0, atol=0)
+    torch.testing.assert_close(effective[rows.start:rows.stop], transform(pretrained[rows.start:rows.stop]))
+    assert not torch.allclose(effective[rows.start:rows.stop], pretrained[rows.start:rows.stop])

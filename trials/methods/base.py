@@ -66,6 +66,29 @@ def layout(arch: Architecture) -> MixerSpec:
     return replace(spec, tensors=tuple(t for t in spec.tensors if t.role not in arch.lacks))
 
 
+class OnRows:
+    """A method on a projection of every SSM mixer: all its output rows, or one named block of them (Mamba-2's
+    ``in_proj`` = z | x | B | C | dt). ``instead`` says what to use where a kind lacks the target."""
+
+    def __init__(self, name: str, projection: str, block: str | None = None, instead: str = "") -> None:
+        self.name, self.projection, self.block, self.instead = name, projection, block, instead
+
+    def _rows(self, spec: MixerSpec) -> tuple[int, int]:
+        proj = spec.projection(self.projection)
+        if self.block is None:
+            return 0, proj.out_features
+        b = proj.block(self.block)
+        return b.start, b.stop
+
+    def refusal(self, arch: Architecture) -> str | None:
+        spec = layout(arch)
+        what = self.projection if self.block is None else f"{self.projection} block {self.block}"
+        if spec.has_projection(self.projection) and (
+                self.block is None or any(b.name == self.block for b in spec.projection(self.projection).blocks)):
+            return None
+        return f"a {spec.kind} mixer has no {what}{self.instead}"
+
+
 def stored(module: nn.Module, name: str) -> Any:
     """The tensor stored under any parametrisations of ``module.<name>`` (a tied weight is one stored tensor read
     by two modules; additional-scan's enlarged A_log keeps the pretrained [E, N] one)."""

@@ -35,8 +35,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import LoraConfig
-from trials.methods.base import MethodError, layout, mixers, stored
-from trials.models.interface import Architecture, MixerSpec, ModelDims, architecture, architecture_of
+from trials.methods.base import MethodError, OnRows, layout, mixers, stored
+from trials.models.interface import Architecture, ModelDims, architecture, architecture_of
 
 
 class LoraDelta(nn.Module):
@@ -135,29 +135,10 @@ def lora_params(delta: LoraDelta) -> list[nn.Parameter]:
     return [delta.lora_A, delta.lora_B] + ([delta.magnitude] if delta.magnitude is not None else [])
 
 
-class Lora:
+class Lora(OnRows):
     """LoRA on a projection of every SSM mixer, on all its output rows or on one named block of them."""
 
     mergeable = True
-
-    def __init__(self, name: str, projection: str, block: str | None = None, instead: str = "") -> None:
-        self.name, self.projection, self.block = name, projection, block
-        self.instead = instead  # what to use where the kind lacks the target, for the refusal
-
-    def _rows(self, spec: MixerSpec) -> tuple[int, int]:
-        proj = spec.projection(self.projection)
-        if self.block is None:
-            return 0, proj.out_features
-        b = proj.block(self.block)
-        return b.start, b.stop
-
-    def refusal(self, arch: Architecture) -> str | None:
-        spec = layout(arch)
-        what = self.projection if self.block is None else f"{self.projection} block {self.block}"
-        if spec.has_projection(self.projection) and (
-                self.block is None or any(b.name == self.block for b in spec.projection(self.projection).blocks)):
-            return None
-        return f"a {spec.kind} mixer has no {what}{self.instead}"
 
     def check(self, cfg: LoraConfig, dims: ModelDims) -> str | None:
         """Why ``cfg`` cannot be applied to a model of these sizes (rank, dropout), or None."""

@@ -1,5 +1,6 @@
 """ProDiaL (Ham et al. 2025, "Parameter-efficient fine-tuning of state space models via projector-targeted
-diagonal-centric linear transformation") on ``in_proj`` or ``out_proj`` of any mixer kind (sizes from its spec):
+diagonal-centric linear transformation") on ``in_proj`` or ``out_proj`` of any mixer kind (sizes from its spec), or
+on one named block of ``in_proj``'s output rows (x, z; on Mamba-2 also B, C, dt), the rows outside it unchanged:
 
     W' = diag(s) W T + scale * B A,    T = I + blockdiag(R_1, ..., R_b)
 
@@ -22,8 +23,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from space.methods import ProdialConfig
-from trials.methods.base import MethodError, layout, mixers
-from trials.models.interface import Architecture, ModelDims
+from trials.methods.base import MethodError, OnRows, mixers
+from trials.models.interface import ModelDims
+
+
+class BlockTransform(nn.Module):
+    """A parametrisation of a weight's rows [start, stop) only: W -> [W_<start; f(W_block); W_>=stop]."""
+
+    def __init__(self, inner: nn.Module, start: int, stop: int) -> None:
+        super().__init__()
+        self.inner, self.start, self.stop = inner, start, stop
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        block = self.inner(weight[self.start:self.stop])  # [rows, in]
+        return torch.cat([weight[:self.start], block, weight[self.stop:]])  # [out, in]
 
 
 class ProdialTransform(nn.Module):
@@ -46,19 +59,13 @@ class ProdialTransform(nn.Module):
         return self.out_scale.to(weight.dtype)[:, None] * transformed + lora.to(weight.dtype)
 
 
-class Prodial:
+class Prodial(OnRows):
     mergeable = True
 
-    def __init__(self, name: str, projection: str) -> None:
-        self.name, self.projection = name, projection
-
-    def refusal(self, arch: Architecture) -> str | None:
-        spec = layout(arch)
-        return None if spec.has_projection(self.projection) else f"a {spec.kind} mixer has no {self.projection}"
-
     def check(self, cfg: ProdialConfig, dims: ModelDims) -> str | None:
+        start, stop = self._rows(dims.mixer)
         proj = dims.mixer.projection(self.projection)
-        return self._refusal(cfg, proj.out_features, proj.in_features, f"mixer.{self.projection}")
+        return self._refusal(cfg, stop - start, proj.in_features, f"mixer.{self.projection}")
 
     def _refusal(self, cfg: ProdialConfig, out_f: int, in_f: int, where: str) -> str | None:
         if in_f % cfg.block_size:
@@ -68,22 +75,32 @@ class Prodial:
         return None
 
     def count(self, cfg: ProdialConfig, dims: ModelDims) -> int:
-        proj = dims.mixer.projection(self.projection)
-        out_f, in_f = proj.out_features, proj.in_features
+        start, stop = self._rows(dims.mixer)
+        out_f, in_f = stop - start, dims.mixer.projection(self.projection).in_features
         return dims.L * (in_f * cfg.block_size + out_f + cfg.rank * (in_f + out_f))
 
     def apply(self, lm: nn.Module, cfg: ProdialConfig) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
         for mixer in mixers(lm):
             module = mixer.projection(self.projection)
-            out_f, in_f = module.weight.shape
-            reason = self._refusal(cfg, out_f, in_f, f"{mixer.path}.{self.projection}")
+            start, stop = self._rows(mixer.spec)
+            in_f = module.weight.shape[1]
+            reason = self._refusal(cfg, stop - start, in_f, f"{mixer.path}.{self.projection}")
             if reason:
                 raise MethodError(reason)
-            transform = ProdialTransform(out_f, in_f, cfg.block_size, cfg.rank, cfg.scale).to(module.weight.device)
-            parametrize.register_parametrization(module, "weight", transform)
+            transform: nn.Module = ProdialTransform(stop - start, in_f, cfg.block_size, cfg.rank, cfg.scale)
+            if (start, stop) != (0, module.weight.shape[0]):
+                transform = BlockTransform(transform, start, stop)
+            parametrize.register_parametrization(module, "weight", transform.to(module.weight.device))
             params += list(transform.parameters())
         return params
 
 
-PRODIAL_METHODS = [Prodial("prodial_in_proj", "in_proj"), Prodial("prodial_out_proj", "out_proj")]
+_M2 = ": on Mamba-1 in_proj holds x and z only, and B, C and dt come from x_proj (use lora_x_proj_{})"
+
+PRODIAL_METHODS = [
+    Prodial("prodial_in_proj", "in_proj"),
+    *(Prodial(f"prodial_in_proj_{b}", "in_proj", b) for b in ("x", "z")),
+    *(Prodial(f"prodial_in_proj_{b}", "in_proj", b, instead=_M2.format(b)) for b in ("b", "c", "dt")),
+    Prodial("prodial_out_proj", "out_proj"),
+]
