@@ -550,8 +550,9 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
 
         echo("baselines (references, not candidates of the front):")
         test = test_metric(space.quality)
-        rates = {baseline_trial(space, b).summary(): (baseline_trial(space, b).training.learning_rate,
-                                                      b.learning_rate is not None) for b in space.search.baselines}
+        trials = {b.name: baseline_trial(space, b) for b in space.search.baselines}
+        rates = {trials[b.name].summary(): (trials[b.name].training.learning_rate, b.learning_rate is not None)
+                 for b in space.search.baselines}
         for _, row in refs.iterrows():
             lr, own = rates.get(str(row.get("methods", "")), (float("nan"), True))
             echo(f"  {row.get('methods', ''):<28} {space.quality} {float(row.get(space.quality, float('nan'))):.3f}  "

@@ -44,18 +44,24 @@ def test_the_scheduler_hands_the_reason_to_the_searcher_before_ray_completes_the
     assert searcher.errors == [("t1", "FloatingPointError: loss is nan at step 7 (learning rate too high?)")]
 
 
-def test_a_failed_trial_gets_one_line_a_tag_an_error_artifact_and_its_reason_in_optuna(tmp_path):
+def _callback_with_trial_run(tmp_path):
+    """A search run on sqlite, its MLflow callback (printing into ``lines``) and the run of trial 1 (Ray id t1)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = SearchSpace.model_validate({"search": {"num_trials": 4}})
     search = SearchRun(uri, "exp", tmp_path / "artifacts", "s", space, "")
     lines: list[str] = []
     callback = MlflowTrialCallback(search, space, echo=lines.append)
+    run_id = callback.search.client.create_run(search.experiment_id, run_name="trial-001").info.run_id
+    callback.run_ids["t1"], callback.numbers["t1"] = run_id, 1
+    return uri, callback, lines, run_id
+
+
+def test_a_failed_trial_gets_one_line_a_tag_an_error_artifact_and_its_reason_in_optuna(tmp_path):
+    uri, callback, lines, run_id = _callback_with_trial_run(tmp_path)
     error_file = tmp_path / "error.txt"
     error_file.write_text(RAY_TRACEBACK)
     trial = SimpleNamespace(trial_id="t1", error_file=str(error_file), error_msg=None,
                             config={"phase": "search"}, last_result={})
-    run_id = callback.search.client.create_run(search.experiment_id, run_name="trial-001").info.run_id
-    callback.run_ids["t1"], callback.numbers["t1"] = run_id, 1
     callback.on_trial_error(0, [], trial)
     reason = "FloatingPointError: loss is nan at step 7 (learning rate too high?)"
     assert lines == [f"[  1/4] failed    {reason} (traceback: {ERROR_ARTIFACT} of MLflow run {run_id})"]
@@ -92,15 +98,9 @@ def test_an_error_of_the_trial_s_own_is_its_last_report_not_a_ray_error(monkeypa
 def test_a_failure_report_gets_one_line_a_tag_and_the_traceback_when_the_trial_completes(tmp_path):
     from search.faults import FAILED, TRACEBACK
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = SearchSpace.model_validate({"search": {"num_trials": 4}})
-    search = SearchRun(uri, "exp", tmp_path / "artifacts", "s", space, "")
-    lines: list[str] = []
-    callback = MlflowTrialCallback(search, space, echo=lines.append)
+    uri, callback, lines, run_id = _callback_with_trial_run(tmp_path)
     report = {FAILED: "torch.OutOfMemoryError: CUDA out of memory", TRACEBACK: "Traceback ...\nthe whole text\n"}
     trial = SimpleNamespace(trial_id="t1", config={"phase": "search"}, last_result=report)
-    run_id = callback.search.client.create_run(search.experiment_id, run_name="trial-001").info.run_id
-    callback.run_ids["t1"], callback.numbers["t1"] = run_id, 1
     callback.on_trial_result(0, [], trial, report)
     assert lines == []  # said once, when the trial completes
     callback.on_trial_complete(0, [], trial)
