@@ -11,7 +11,7 @@ from trials.pretrain import RECIPES
 from trials.run import FINISHED, run_trial
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("recipe", sorted(r for r in RECIPES if RECIPES[r]["checkpoint"] in EMBEDDED_CHECKPOINTS))
 def test_each_embedded_checkpoint_is_its_recipes_huggingface_directory_with_a_card(recipe):
     r = RECIPES[recipe]
     path = EMBEDDED_CHECKPOINTS[r["checkpoint"]]
@@ -48,6 +48,7 @@ def test_trial_reports_validation_rounds_then_a_final_report_with_every_metric(s
                 "peak_memory_mb", "steps_done", "status"):
         assert key in final, key
     assert final["status"] == "finished" and final["steps_done"] == 6
+    assert final["device"] == "cpu" and "device" not in reports[0]  # where it trained, said once
     assert 0.0 <= result.val_accuracy <= 1.0 and 0.0 <= result.test_accuracy <= 1.0
     # 4 layers, D=64, E=128, N=16: LoRA r=2 -> 4*2*(64+256); A delta -> 4*128*16; head 64*10+10.
     assert result.method_params == {"lora_in_proj": 2560, "a_log_delta": 8192}
