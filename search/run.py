@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -40,6 +40,9 @@ from search.faults import failure_report
 from space.config import SearchSpace, SpaceError, TrialConfig, dimensions, load_space, with_local_paths
 from space.metrics import WORST, size_metric, test_metric
 from space.secrets import mask
+
+if TYPE_CHECKING:
+    from search.probe_process import ProbeProcess
 
 EXIT_BAD_INPUT = 2
 TABLE_WIDTH = 120
@@ -340,7 +343,16 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     """Run (or, with ``resume`` an id or "" for the latest, continue) a search; the exit code.
 
     ``notice`` prints what must reach the terminal even with ``--quiet`` (errors, how to resume)."""
-    notice = notice or echo
+    from search.probe_process import ProbeProcess
+
+    # First of all: the probe opens the model and the task in its own process while this one imports Ray and
+    # starts it (seconds of every search's start-up, spent side by side).
+    with ProbeProcess(space.model, space.task, space_methods(space)) as probe:
+        return _search(space, space_text, probe, echo, resume, resume_hint, notice or echo)
+
+
+def _search(space: SearchSpace, space_text: str, probe: ProbeProcess, echo: Callable[[str], None], resume: str | None,
+            resume_hint: Callable[[str], str] | None, notice: Callable[[str], None]) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -352,7 +364,6 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     import optuna
     import ray
     from ray import tune
-    from ray.exceptions import RayTaskError
 
     from search import results
     from search import resume as resuming
@@ -387,6 +398,11 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     if unreachable is not None:  # ray.init would retry for minutes, printing connection warnings
         notice(f"error: {unreachable}")
         return EXIT_BAD_INPUT
+    # The MLflow store is opened (imported, its schema created) while Ray starts and the probe opens the model:
+    # seconds of every search's start-up, spent side by side. No run is created before the probe passes.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mps-store")
+    opening = pool.submit(open_store, uri, space.tracking.experiment, results_dir / "mlartifacts")
+    pool.shutdown(wait=False)  # its one task still runs; the thread ends after it
     if space.search.address is None:
         worker_niceness()
     ray.init(address=space.search.address, include_dashboard=False, log_to_driver=False,
@@ -395,59 +411,15 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     local_ray.record()  # at once: a driver killed from here on leaves these for --resume to end
     log_ray_tune(results_dir / "ray" / f"{run_name}.log")
 
-    # Every proposal's size is asked of this actor: it is started again (on a node still alive) if its node is lost.
-    @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)
-    class ProbeActor:
-        """The closed-form sizes, in a worker process: the driver imports no torch."""
-
-        def __init__(self, model: Any, task: Any, methods: dict[str, Any]) -> None:
-            from trials.probe import Probe
-
-            # An error here (a bad checkpoint, task or method) is raised by info(): as a task's error it keeps its
-            # own type and message, where an actor that died in __init__ would be restarted and then report a
-            # generic death.
-            self.error: Exception | None = None
-            try:
-                self.probe = Probe(model, task, methods)  # refuses a method the architecture does not support
-            except Exception as exc:  # noqa: BLE001 - handed to the driver by info()
-                self.error = exc
-
-        def trainable(self, cfg: TrialConfig) -> int:
-            return self.probe.trainable(cfg)
-
-        def info(self) -> dict[str, int]:
-            if self.error is not None:
-                raise self.error
-            return self.probe.info()
-
-    class Sizes:
-        def __init__(self, actor: Any) -> None:
-            self.actor = actor
-
-        def trainable(self, cfg: TrialConfig) -> int:
-            return int(ray.get(self.actor.trainable.remote(cfg)))
-
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # On the driver's own node when it is a Ray node (soft: anywhere else otherwise), which a search outlives least.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ProbeActor.options(scheduling_strategy=here).remote(space.model, space.task,  # type: ignore[attr-defined]
-                                                              space_methods(space))
-    # The MLflow store is opened (imported, its schema created) while the probe's worker imports torch and opens
-    # the model: seconds of every search's start-up, spent side by side. No run is created before the probe passes.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mps-store")
-    opening = pool.submit(open_store, uri, space.tracking.experiment, results_dir / "mlartifacts")
-    pool.shutdown(wait=False)  # its one task still runs; the thread ends after it
     try:
-        info = ray.get(actor.info.remote())
-    except RayTaskError as exc:  # the checkpoint or the task cannot be opened: nothing has started
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        notice(f"error: {cause}")
+        info = probe.info()
+    except Exception as exc:  # noqa: BLE001 - the checkpoint, the task or a method cannot be opened: nothing started
+        notice(f"error: {exc}")
         ray.shutdown()
         local_ray.forget()
         opening.exception()  # wait for it; the probe's error is the one to report
         return EXIT_BAD_INPUT
-    local_ray.record()  # Ray's agents and the first worker are up by now
+    local_ray.record()  # Ray's agents are up by now
     base_params = int(info["base_params"])
     limit = trainable_limit(space, base_params)
     for note in info["notes"]:
@@ -463,7 +435,7 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     stopped: list[str] = []
     try:
         storage = settled(lambda: optuna.storages.RDBStorage(storage_url))  # two searches may create its schema
-        searcher = PeftSearcher(space, storage, study_name, Sizes(actor), limit, base_params, callback, echo=echo)
+        searcher = PeftSearcher(space, storage, study_name, probe, limit, base_params, callback, echo=echo)
         callback.searcher = searcher
         stages = f"two stages ({s.stage1} + {s.num_trials - s.stage1} trials)" if s.strategy == "two_stage" else (
             f"{s.num_trials} trials")

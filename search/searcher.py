@@ -79,7 +79,7 @@ class Rerun:
 
 
 class Sizes(Protocol):
-    """What the searcher asks of a ``trials.probe.Probe`` (directly, or through a Ray actor)."""
+    """What the searcher asks of a ``trials.probe.Probe`` (directly, or in a child: ``search.probe_process``)."""
 
     def trainable(self, cfg: TrialConfig) -> int: ...
 

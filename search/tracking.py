@@ -20,7 +20,7 @@ from search.results import CONFIG_ARTIFACT
 from space.config import SearchSpace, TrialConfig
 from space.metrics import METRICS, kind, test_metric
 from space.secrets import mask
-from trials.report import FINISHED
+from trials.report import DEVICE, FINISHED
 
 # Per-rung metrics are logged as curves; the rest of the final report is logged once.
 CURVE_KEYS = (*(m for m in METRICS if kind(m) in ("rung", "size")), "train_loss")
@@ -222,6 +222,8 @@ class MlflowTrialCallback(Callback):
                 k for k in result if k.startswith("params_")) if k not in CURVE_KEYS and _finite(result.get(k))]
         if metrics:
             self._client().log_batch(run_id, metrics=metrics)
+        if result.get(FINISHED) and DEVICE in result:
+            self._client().set_tag(run_id, "mps.device", str(result[DEVICE]))
         if not result.get(FINISHED):
             self.echo(f"{self._label(self.numbers[trial.trial_id], self._phase(trial))} step {step:>5} "
                       f"{self.quality} {result.get(self.quality, float('nan')):.3f}")

@@ -656,6 +656,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, help="override the recipe's batch size")
     p.add_argument("--length", type=int, help="override the recipe's window length in tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scan", choices=("auto", "torch", "mambapy"), help="override the recipe's scan (the same "
+                   "model either way; on CUDA without mamba-ssm, mambapy's parallel scan can be the faster)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--corpus-file", type=Path, help="a corpus written by --build-corpus (recipes on "
                    + ", ".join(BUILT_CORPORA) + ")")
@@ -673,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
               + ", ".join(manifest["dropped_files"]["held_out"]))
         return
     r = dict(RECIPES[a.recipe])
-    for key in ("steps", "batch", "length"):
+    for key in ("steps", "batch", "length", "scan"):
         if getattr(a, key) is not None:
             r[key] = getattr(a, key)
     out = a.out or Path(__file__).resolve().parent / "assets" / r["name"]

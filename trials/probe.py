@@ -1,7 +1,7 @@
 """What the search must know about its model and task before any trial trains: the closed-form trainable count of
 a configuration, the base model's size, the number of classes, and the time of a training step.
 
-The search driver imports no torch; it runs a ``Probe`` in a Ray actor (``search.searcher``), and
+The search driver imports no torch; it runs a ``Probe`` in a child process (``search.probe_process``), and
 ``python -m search.run --dry-run`` runs one in-process. Opening the checkpoint's config and the task here, once,
 also makes a bad checkpoint or data file an error before the first trial starts.
 """

@@ -9,3 +9,6 @@ Report = Callable[[dict[str, Any]], None]
 
 # Key of the final report; reports without it are rung reports (a pruned trial never sends it).
 FINISHED = "finished"
+# Also in the final report: where the trial trained, e.g. "cuda:0 NVIDIA H200 (CUDA_VISIBLE_DEVICES=0)" or "cpu"
+# (``trials.run.device_label``); the search tags the trial's MLflow run with it (``mps.device``).
+DEVICE = "device"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import resource
 import sys
 import time
@@ -23,7 +24,7 @@ from space.config import TaskSpec, TrialConfig
 from trials.data import Split, TaskData
 from trials.methods import REGISTRY, AppliedMethods, ModelDims, Prepared, apply_methods, count_params
 from trials.model import LanguageModel, SequenceClassifier, load_base_model, task_model
-from trials.report import FINISHED, Report
+from trials.report import DEVICE, FINISHED, Report
 from trials.tasks import load_task
 from trials.tasktypes import batches, evaluate_split, train_loss
 
@@ -233,6 +234,17 @@ def trial_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_label(device: torch.device) -> str:
+    """Where a trial trains, for its record: ``cpu``, or the CUDA device with its name and the GPUs this process was
+    given (Ray sets ``CUDA_VISIBLE_DEVICES`` from ``search.gpus_per_trial``; two trials sharing one GPU show the
+    same one)."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    return f"cuda:{index} {torch.cuda.get_device_name(index)} (CUDA_VISIBLE_DEVICES={visible})"
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a trial's peak-memory window. A reused Ray worker runs many trials in one process, so the
     process-lifetime peak would report the largest trial so far; on Linux writing 5 to clear_refs resets
@@ -337,5 +349,6 @@ def _finish(cfg: TrialConfig, built: BuiltTrial, report: Report | None, steps: i
         method_params=built.applied.num_params(), train_seconds=train_seconds,
         peak_memory_mb=peak_memory_mb(device), steps_done=steps, curve=curve)
     if report is not None:
-        report({**result.metrics(), "step": steps, "train_loss": curve[-1]["train_loss"], FINISHED: True})
+        report({**result.metrics(), "step": steps, "train_loss": curve[-1]["train_loss"], FINISHED: True,
+                DEVICE: device_label(device)})
     return result

@@ -95,6 +95,9 @@ def test_two_stage_search_with_pruning_logs_every_trial_then_export_and_train_th
         if row.status in ("finished", "pruned"):
             assert by_number[row.trial].user_attrs[RUNG_ATTR]  # the rung values reached the study
     assert (df.status == "pruned").sum() >= 1  # margin 0 and min_better 1: a no-larger trial at least as good
+    # Each finished trial's run says where it trained (search.gpus_per_trial's GPUs, or here the CPU).
+    finished = df[df.status == "finished"]
+    assert len(finished) and all(c.get_run(r).data.tags.get("mps.device") == "cpu" for r in finished.run_id)
     pruned = [t for t in studies if t.user_attrs["mps_state"] == "pruned"]
     assert all(t.state == optuna.trial.TrialState.PRUNED for t in pruned)
 
@@ -338,6 +341,26 @@ def test_each_trial_requests_its_cpus_and_gpu_fraction_from_ray(cpus, gpus):
     wrapped = tune.with_resources(trainable, trial_resources(space))
     bundle = wrapped._resources.required_resources  # what Ray reserves for each trial
     assert bundle.get("CPU") == cpus and bundle.get("GPU", 0.0) == gpus
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_half_a_gpu_each_puts_two_trials_on_one_gpu_at_once(tmp_path):
+    """search.gpus_per_trial for real: 0.5 each, concurrency 2, one GPU. Each trial trains on CUDA on the GPU Ray
+    gave it, the same one for all, and two trials' runs overlap in time (without a share, one would wait)."""
+    extra = "  gpus_per_trial: 0.5\n  cpus_per_trial: 1\n"
+    run_search(tmp_path, trials=4, extra=extra, concurrency=2)
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    c = results.client(uri)
+    df = results.trials(c, "mamba-peft-search", results.latest_search(c, "mamba-peft-search")["run_id"])
+    runs = [c.get_run(r) for r in df[df.status == "finished"].run_id]
+    devices = {r.data.tags.get("mps.device") for r in runs}
+    assert len(runs) >= 2 and len(devices) == 1 and next(iter(devices)).startswith("cuda:0 "), devices
+    assert "CUDA_VISIBLE_DEVICES=" in next(iter(devices)) and "unset" not in next(iter(devices))
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False)), spans  # two ran at once
 
 
 def test_a_gpu_share_ray_cannot_schedule_is_an_error_naming_the_key():

@@ -1,0 +1,142 @@
+"""The search's ``trials.probe.Probe`` in a child process of the driver, opened at once.
+
+The driver imports no torch, so what it must know of the model (its size, the closed-form trainable count of each
+proposal, the refusals of methods it cannot take) comes from a ``Probe`` in another process. Opening one costs
+seconds (importing torch and transformers, loading the checkpoint and the task); in this process it starts before
+the driver imports Ray and runs beside ``ray.init``, rather than after it in a Ray actor, which took those seconds
+off every search's start-up. It lives on the driver's machine as long as the driver, so a lost Ray node never takes
+it along, and it ends with the driver, also when the driver is killed (its pipe closes: ``_serve`` returns).
+
+Errors in the child keep their type and message: ``info()`` raises the one opening the model or the task raised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from space.config import ModelSpec, TaskSpec, TrialConfig
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it pickles (so the driver sees its own type and message), else a RuntimeError saying what it was."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any unpicklable error is reported by name and message
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _serve(conn: Connection) -> None:
+    """The child: receive what to open, open the probe, then answer ``(what, args)`` requests until the driver
+    closes the connection."""
+    # Ctrl-C reaches the whole process group; the driver decides what it means (Ray Tune stops the search, which
+    # may still ask sizes while it winds down), so the child ignores it and ends when the driver does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        model, task, methods = conn.recv()
+    except (EOFError, OSError):  # the driver ended before it said what to open
+        return
+    error: BaseException | None = None
+    try:
+        from trials.probe import Probe
+
+        probe = Probe(model, task, methods)
+    except Exception as exc:  # noqa: BLE001 - handed to the driver by info(); OSError too (a missing file)
+        error = _portable(exc)
+    while True:
+        try:
+            what, args = conn.recv()
+        except (EOFError, OSError):  # the driver closed the connection, or died
+            return
+        try:
+            if error is not None:
+                raise error
+            value = probe.info() if what == "info" else probe.trainable(*args)
+            conn.send((True, value))
+        except Exception as exc:  # noqa: BLE001 - raised again in the driver
+            conn.send((False, _portable(exc)))
+
+
+class ProbeProcess:
+    """``info()`` and ``trainable(cfg)`` of a ``Probe`` opened in a spawned child process (see the module's doc).
+
+    The child starts at construction; the first ``info()`` waits until it has opened the model. Thread-safe: one
+    request at a time. A context manager: leaving it ends the child."""
+
+    def __init__(self, model: ModelSpec, task: TaskSpec, methods: dict[str, Any]) -> None:
+        # A fresh interpreter running this module, not multiprocessing's spawn: spawn runs the caller's main script
+        # again in the child, which a script without a ``__main__`` guard cannot take.
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parent.parent)  # where `search` and `trials` are, as in the driver
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        command = [sys.executable, "-m", "search.probe_process", str(theirs.fileno())]
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(command, pass_fds=[theirs.fileno()], env=env,
+                                                                      stdin=subprocess.DEVNULL)
+        theirs.close()  # the child's end lives in the child alone: its death closes the connection for the driver
+        self._conn: Connection | None = Connection(ours.detach())
+        self._conn.send((model, task, methods))
+        self._lock = threading.Lock()
+
+    # Ray Tune pickles its searcher (and so this) into the experiment's state; a copy unpickled elsewhere is not
+    # connected to the child and says so if asked (a search resumes from Optuna and MLflow, never from that state).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pid": self._proc.pid if self._proc is not None else None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._proc, self._conn, self._lock = None, None, threading.Lock()
+        self._copy_of = state.get("pid")
+
+    def _ask(self, what: str, *args: Any) -> Any:
+        if self._conn is None or self._proc is None:
+            raise RuntimeError(f"this is an unpickled copy of the search's probe process (pid {self._copy_of}): it "
+                               "is connected to nothing, and only the driver that started the probe can ask it")
+        with self._lock:
+            try:
+                self._conn.send((what, args))
+                ok, value = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError) as exc:
+                code = self._proc.poll()
+                raise RuntimeError(f"the probe process ended (exit code {code}) while the search asked it for "
+                                   f"{what}") from exc
+        if not ok:
+            raise value
+        return value
+
+    def info(self) -> dict[str, Any]:
+        """The probe's ``info()``: sizes, classes, notes; raises what opening the model or the task raised."""
+        return dict(self._ask("info"))
+
+    def trainable(self, cfg: TrialConfig) -> int:
+        """Closed-form trainable parameters of ``cfg`` (``Probe.trainable``)."""
+        return int(self._ask("trainable", cfg))
+
+    def close(self) -> None:
+        """End the child: close the connection (an idle child returns at once), else terminate it."""
+        if self._conn is None or self._proc is None:
+            return
+        self._conn.close()
+        try:
+            self._proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:  # still opening the model (the search stopped before it asked)
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+    def __enter__(self) -> ProbeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))
