@@ -26,11 +26,22 @@ def test_each_embedded_checkpoint_is_its_recipes_huggingface_directory_with_a_ca
     assert info["parameters"] == sum(p.numel() for p in lm.parameters()) and info["steps"] == r["steps"]
 
 
+def test_a_path_is_passed_on_as_it_is_and_a_missing_one_is_an_error_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "my-mamba").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("./my-mamba") == "./my-mamba"
+    assert resolve_checkpoint(str(tmp_path / "my-mamba")) == str(tmp_path / "my-mamba")
+    assert resolve_checkpoint("state-spaces/mamba-130m-hf") == "state-spaces/mamba-130m-hf"  # a hub id
+    for missing in ("./no-such-model", str(tmp_path / "gone"), "../elsewhere/model"):
+        with pytest.raises(FileNotFoundError, match=r"model\.checkpoint: '.*': no such directory \(/.*\); give a "
+                                                    r"checkpoint directory, an embedded name \(embedded, "):
+            resolve_checkpoint(missing)
+
+
 def test_embedded_means_the_small_checkpoint_unless_the_environment_names_another(monkeypatch):
     monkeypatch.delenv(EMBEDDED_ENV, raising=False)
     assert resolve_checkpoint("embedded") == str(EMBEDDED_CHECKPOINTS["embedded-small"])
     assert resolve_checkpoint("embedded-tiny") == str(EMBEDDED_CHECKPOINTS["embedded-tiny"])
-    assert resolve_checkpoint("./my-mamba") == "./my-mamba"
     monkeypatch.setenv(EMBEDDED_ENV, "embedded-tiny")
     assert resolve_checkpoint("embedded") == str(EMBEDDED_CHECKPOINTS["embedded-tiny"])
     monkeypatch.setenv(EMBEDDED_ENV, "embedded-huge")

@@ -106,6 +106,13 @@ def resolve_checkpoint(name: str) -> str:
     ``from_pretrained`` path."""
     if name == "embedded" or name in EMBEDDED_CHECKPOINTS:
         return str(EMBEDDED_CHECKPOINTS[embedded_name(name)])
+    path = Path(name).expanduser()
+    # Written as a path (a hub id is never absolute, and never starts with ./, ../ or ~): say so, rather than pass it
+    # to the hub, which answers with the rules of repo ids.
+    if (path.is_absolute() or name.startswith((".", "~"))) and not path.exists():
+        raise FileNotFoundError(f"model.checkpoint: {name!r}: no such directory ({path.resolve()}); give a checkpoint "
+                                f"directory, an embedded name ({', '.join(['embedded', *EMBEDDED_CHECKPOINTS])}) or a "
+                                f"Hugging Face model id")
     return name
 
 
