@@ -39,8 +39,8 @@ def _portable(exc: BaseException) -> BaseException:
 def _serve(conn: Connection) -> None:
     """The child: receive what to open, open the probe, then answer ``(what, args)`` requests until the driver
     closes the connection."""
-    # Ctrl-C reaches the whole process group; the driver decides what it means (Ray Tune stops the search, which
-    # may still ask sizes while it winds down), so the child ignores it and ends when the driver does.
+    # The child runs in its own session (ProbeProcess), away from the terminal's Ctrl-C; a SIGINT sent to it
+    # directly is ignored too: it ends when the driver closes the connection, or dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         model, task, methods = conn.recv()
@@ -68,24 +68,49 @@ def _serve(conn: Connection) -> None:
 
 
 class ProbeProcess:
-    """``info()`` and ``trainable(cfg)`` of a ``Probe`` opened in a spawned child process (see the module's doc).
+    """``info()`` and ``trainable(cfg)`` of a ``Probe`` opened in a child process (see the module's doc).
 
-    The child starts at construction; the first ``info()`` waits until it has opened the model. Thread-safe: one
-    request at a time. A context manager: leaving it ends the child."""
+    The child starts at construction; the first ``info()`` waits until it has opened the model. A child that dies
+    (killed, out of memory) is started again, up to ``restarts`` times: the probe is deterministic, so the answers
+    are the same. Thread-safe: one request at a time. A context manager: leaving it ends the child. ``log``: where
+    the child's own output goes (warnings of the libraries it loads); by default the driver's stderr."""
 
-    def __init__(self, model: ModelSpec, task: TaskSpec, methods: dict[str, Any]) -> None:
+    def __init__(self, model: ModelSpec, task: TaskSpec, methods: dict[str, Any], log: Path | None = None,
+                 restarts: int = 2) -> None:
+        self._spec = (model, task, methods)
+        self._log = log
+        self._restarts_left = restarts
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._start()
+
+    def _start(self) -> None:
         # A fresh interpreter running this module, not multiprocessing's spawn: spawn runs the caller's main script
         # again in the child, which a script without a ``__main__`` guard cannot take.
         ours, theirs = socket.socketpair()
+        env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)  # where `search` and `trials` are, as in the driver
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        command = [sys.executable, "-m", "search.probe_process", str(theirs.fileno())]
-        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(command, pass_fds=[theirs.fileno()], env=env,
-                                                                      stdin=subprocess.DEVNULL)
-        theirs.close()  # the child's end lives in the child alone: its death closes the connection for the driver
-        self._conn: Connection | None = Connection(ours.detach())
-        self._conn.send((model, task, methods))
-        self._lock = threading.Lock()
+        # The child has the driver's sys.path but for its first entry (the driver's script or working directory):
+        # add the package's root only if that is where the driver found it, and after the user's own entries.
+        if root not in {str(Path(p).resolve()) for p in sys.path[1:] if p}:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), root) if p)
+        out = None
+        if self._log is not None:
+            self._log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self._log, "ab")  # noqa: SIM115 - the child holds it; closed here once handed over
+        try:
+            # Its own session: a Ctrl-C or a SIGTERM to the terminal's process group is the driver's to handle (Ray
+            # Tune stops the search, which may still ask sizes while it winds down); the child ends with the driver.
+            self._proc = subprocess.Popen([sys.executable, "-m", "search.probe_process", str(theirs.fileno())],
+                                          pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                                          stdout=out, stderr=out, start_new_session=True)
+        finally:
+            theirs.close()  # the child's end lives in the child alone: its death closes the connection for the driver
+            if out is not None:
+                out.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(self._spec)
 
     # Ray Tune pickles its searcher (and so this) into the experiment's state; a copy unpickled elsewhere is not
     # connected to the child and says so if asked (a search resumes from Optuna and MLflow, never from that state).
@@ -93,21 +118,35 @@ class ProbeProcess:
         return {"pid": self._proc.pid if self._proc is not None else None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._proc, self._conn, self._lock = None, None, threading.Lock()
-        self._copy_of = state.get("pid")
+        self._proc, self._conn, self._lock, self._copy_of = None, None, threading.Lock(), state.get("pid")
 
     def _ask(self, what: str, *args: Any) -> Any:
-        if self._conn is None or self._proc is None:
+        if self._proc is None:
             raise RuntimeError(f"this is an unpickled copy of the search's probe process (pid {self._copy_of}): it "
                                "is connected to nothing, and only the driver that started the probe can ask it")
         with self._lock:
-            try:
-                self._conn.send((what, args))
-                ok, value = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError) as exc:
-                code = self._proc.poll()
-                raise RuntimeError(f"the probe process ended (exit code {code}) while the search asked it for "
-                                   f"{what}") from exc
+            while True:
+                try:
+                    if self._conn is None:
+                        raise EOFError("the connection was closed")
+                    self._conn.send((what, args))
+                    ok, value = self._conn.recv()
+                    break
+                except (EOFError, OSError) as exc:
+                    self._end_child()
+                    if self._restarts_left <= 0:
+                        where = f"; its output is in {self._log}" if self._log is not None else ""
+                        raise RuntimeError(f"the probe process ended (exit code {self._proc.returncode}) while the "
+                                           f"search asked it for {what}, and it was restarted as often as allowed"
+                                           f"{where}") from exc
+                    self._restarts_left -= 1
+                    self._start()  # the same model and task: the same answers
+                except BaseException:
+                    # Interrupted between a request and its answer (Ctrl-C in a library caller): the next answer on
+                    # this connection would be this one's, so it is not used again.
+                    self._end_child()
+                    self._conn = None
+                    raise
         if not ok:
             raise value
         return value
@@ -120,16 +159,26 @@ class ProbeProcess:
         """Closed-form trainable parameters of ``cfg`` (``Probe.trainable``)."""
         return int(self._ask("trainable", cfg))
 
-    def close(self) -> None:
-        """End the child: close the connection (an idle child returns at once), else terminate it."""
-        if self._conn is None or self._proc is None:
+    def _end_child(self) -> None:
+        """Close the connection (an idle child returns at once), else terminate, then kill the child. Never raises."""
+        if self._conn is not None:
+            self._conn.close()
+        if self._proc is None:
             return
-        self._conn.close()
-        try:
-            self._proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:  # still opening the model (the search stopped before it asked)
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
+        for stop in (None, self._proc.terminate, self._proc.kill):
+            if stop is not None:
+                stop()
+            try:
+                self._proc.wait(timeout=1 if stop is None else 5)
+                return
+            except subprocess.TimeoutExpired:  # still opening the model (the search stopped before it asked)
+                continue
+
+    def close(self) -> None:
+        """End the child."""
+        if self._proc is not None:
+            self._end_child()
+            self._conn = None
 
     def __enter__(self) -> ProbeProcess:
         return self

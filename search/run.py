@@ -147,13 +147,21 @@ def format_front(front, objectives: list[str], width: int = TABLE_WIDTH) -> str:
 def check_address(address: str | None, timeout: float = 5.0) -> str | None:
     """Why a Ray cluster at ``address`` cannot be joined, or None when it answers (or is local / ``auto``).
 
-    ``host:port`` (the cluster's GCS) and ``ray://host:port`` (Ray Client) are tried with one TCP connection, so a
-    wrong address is an error in seconds rather than minutes of Ray retrying."""
+    ``host:port`` (the cluster's GCS) is tried with one TCP connection, so a wrong address is an error in seconds
+    rather than minutes of Ray retrying. A Ray Client address (``ray://``) is refused: through Ray Client, Ray Tune
+    runs its loop in an actor on the cluster with copies of the searcher and the MLflow callback, so this driver
+    would never see its own trials end (the search would end "interrupted", with no hypervolume)."""
     if address is None or address in ("auto", "local"):
         return None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address.startswith("ray://"):
+        host = address.removeprefix("ray://").rpartition(":")[0] or "HEAD"
+        return (f"search.address {address!r}: Ray Client (ray://) is not supported, since Ray Tune would run the "
+                f"search's loop on the cluster, away from this driver. Run the search on a node of the cluster: on "
+                f"this machine `ray start --address={host}:6379 --num-cpus=0` (no trials here), then "
+                f"--address {host}:6379 (or auto)")
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        return f"search.address {address!r}: expected host:port, ray://host:port or auto"
+        return f"search.address {address!r}: expected host:port (the Ray head's GCS address) or auto"
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
@@ -178,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", type=Path, help="the search space (space.yaml)")
     p.add_argument("--dry-run", action="store_true", help="validate, print dimensions, sizes and cost; start nothing")
-    p.add_argument("--address", help="an existing Ray cluster to join ('auto' or ray://host:port); "
+    p.add_argument("--address", help="an existing Ray cluster to join ('auto' or the head's host:port); "
                                       "overrides search.address")
     p.add_argument("--num-trials", type=int, help="override search.num_trials")
     p.add_argument("--results-dir", type=Path, help="override search.results_dir")
@@ -347,7 +355,12 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
 
     # First of all: the probe opens the model and the task in its own process while this one imports Ray and
     # starts it (seconds of every search's start-up, spent side by side).
-    with ProbeProcess(space.model, space.task, space_methods(space)) as probe:
+    unreachable = check_address(space.search.address)
+    if unreachable is not None:  # ray.init would retry for minutes, printing connection warnings
+        (notice or echo)(f"error: {unreachable}")
+        return EXIT_BAD_INPUT
+    log = Path(space.search.results_dir).resolve() / "ray" / "probe.log"  # beside Ray Tune's log, not the terminal
+    with ProbeProcess(space.model, space.task, space_methods(space), log=log) as probe:
         return _search(space, space_text, probe, echo, resume, resume_hint, notice or echo)
 
 
@@ -394,10 +407,6 @@ def _search(space: SearchSpace, space_text: str, probe: ProbeProcess, echo: Call
     storage_url = space.search.optuna_storage or f"sqlite:///{results_dir / 'optuna.db'}"
     objectives = space.objective_names
 
-    unreachable = check_address(space.search.address)
-    if unreachable is not None:  # ray.init would retry for minutes, printing connection warnings
-        notice(f"error: {unreachable}")
-        return EXIT_BAD_INPUT
     # The MLflow store is opened (imported, its schema created) while Ray starts and the probe opens the model:
     # seconds of every search's start-up, spent side by side. No run is created before the probe passes.
     pool = ThreadPoolExecutor(1, thread_name_prefix="mps-store")

@@ -417,7 +417,7 @@ class SearchSpec(Strict):
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.0, ge=0)
     # URLs may name environment variables as ${NAME} (space/secrets.py), so passwords need not be in space.yaml.
-    address: str | None = None  # an existing Ray cluster ("auto" or ray://host:port); None starts local Ray
+    address: str | None = None  # an existing Ray cluster ("auto" or the head's host:port); None starts local Ray
     optuna_storage: str | None = None  # an Optuna RDB URL (e.g. PostgreSQL) to persist and resume the study
     study_name: str | None = None
     results_dir: str = "runs"  # Ray Tune trial directories and the default sqlite stores live here
@@ -830,8 +830,13 @@ def with_local_paths(space: SearchSpace, base: Path) -> SearchSpace:
     are hub ids). Trials run elsewhere: Ray Tune starts each in its own directory, a cluster's workers in theirs."""
 
     def local(value: str) -> str:
-        path = Path(value).expanduser()
-        return str((base / path).resolve()) if not path.is_absolute() and (base / path).exists() else value
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # ~user of no such user: left for the loader to name
+            return value
+        if path.is_absolute():
+            return str(path)  # ~ expanded
+        return str((base / path).resolve()) if (base / path).exists() else value
 
     task = space.task.model_copy(update={
         "files": {split: str((base / Path(f).expanduser()).resolve()) for split, f in space.task.files.items()},

@@ -318,7 +318,8 @@ def test_a_ray_address_nothing_answers_is_an_error_in_seconds(tmp_path, capsys):
         port = s.getsockname()[1]  # bound but not listening: connections are refused
         assert "cannot connect to 127.0.0.1" in (check_address(f"127.0.0.1:{port}") or "")
         s.listen()
-        assert check_address(f"127.0.0.1:{port}") is None and check_address(f"ray://127.0.0.1:{port}") is None
+        assert check_address(f"127.0.0.1:{port}") is None
+        assert "Ray Client (ray://) is not supported" in (check_address(f"ray://127.0.0.1:{port}") or "")
     assert check_address("auto") is None and check_address(None) is None
     assert "expected host:port" in (check_address("headnode") or "")
     space = tmp_path / "space.yaml"
@@ -328,6 +329,10 @@ def test_a_ray_address_nothing_answers_is_an_error_in_seconds(tmp_path, capsys):
     assert time.monotonic() - t0 < 60
     assert f"search.address '127.0.0.1:{port}': cannot connect" in capsys.readouterr().out
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing was started, no run left RUNNING
+    assert not (tmp_path / "runs").exists()  # not even the probe
+    assert search_main([str(space), "--address", "ray://head:10001"]) == 2
+    assert ("ray start --address=head:6379 --num-cpus=0` (no trials here), then --address head:6379"
+            in capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("cpus, gpus", [(1.0, 0.0), (2.0, 0.5), (1.0, 0.25), (4.0, 2.0)])

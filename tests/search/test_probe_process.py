@@ -119,3 +119,38 @@ def test_the_child_ignores_ctrl_c_and_ends_when_its_driver_is_killed(tmp_path):
         assert wait_gone(child), f"the probe process {child} outlived its killed driver"
     finally:
         driver.kill()
+
+
+def test_a_child_that_dies_is_started_again_and_answers_the_same_until_its_restarts_run_out(tmp_path):
+    s = space()
+    cfg = sample_trial(s, FixedTrial(DRAWS[0]))
+    log = tmp_path / "ray" / "probe.log"
+    with ProbeProcess(s.model, s.task, space_methods(s), log=log, restarts=1) as probe:
+        size = probe.trainable(cfg)
+        first = probe._proc.pid
+        os.kill(first, signal.SIGKILL)  # out of memory, say
+        assert probe.trainable(cfg) == size and probe._proc.pid != first  # a new child, the same answer
+        assert wait_gone(first, timeout=5)
+        os.kill(probe._proc.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"the probe process ended \(exit code -9\) while the search asked it "
+                                               r"for trainable, and it was restarted as often as allowed; its output "
+                                               r"is in .*probe\.log"):
+            probe.trainable(cfg)
+    assert log.exists()  # the child's own output goes there, not to the terminal
+
+
+def test_a_request_interrupted_before_its_answer_is_never_answered_by_the_next_ones_reply(monkeypatch):
+    s = space()
+    with ProbeProcess(s.model, s.task, space_methods(s), restarts=1) as probe:
+        info = probe.info()
+        conn = probe._conn
+        real_recv = conn.recv
+
+        def interrupted() -> object:
+            raise KeyboardInterrupt  # Ctrl-C between the request and its answer
+
+        monkeypatch.setattr(conn, "recv", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            probe.trainable(sample_trial(s, FixedTrial(DRAWS[0])))
+        monkeypatch.setattr(conn, "recv", real_recv)
+        assert probe.info() == info  # a fresh child and connection, not the stale reply of the interrupted request

@@ -232,7 +232,8 @@ def test_stage1_pins_sizes_to_the_smallest_and_searches_only_the_switches():
     assert "d_delta" not in stage1.methods
 
 
-def test_relative_data_checkpoint_and_tokenizer_paths_become_absolute_against_the_directory_of_the_command(tmp_path):
+def test_relative_data_checkpoint_and_tokenizer_paths_become_absolute_against_the_directory_of_the_command(
+        tmp_path, monkeypatch):
     from space.config import with_local_paths
 
     (tmp_path / "data").mkdir()
@@ -246,3 +247,6 @@ def test_relative_data_checkpoint_and_tokenizer_paths_become_absolute_against_th
     hub = SearchSpace.model_validate({"model": {"checkpoint": "state-spaces/mamba-130m-hf"}})
     assert with_local_paths(hub, tmp_path).model.checkpoint == "state-spaces/mamba-130m-hf"  # not here: a hub id
     assert with_local_paths(SearchSpace(), tmp_path).model.checkpoint == "embedded"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = SearchSpace.model_validate({"model": {"checkpoint": "~/ckpt"}})
+    assert with_local_paths(home, tmp_path / "data").model.checkpoint == str(tmp_path / "ckpt")  # ~ expanded

@@ -32,6 +32,8 @@ def test_a_path_is_passed_on_as_it_is_and_a_missing_one_is_an_error_naming_it(tm
     assert resolve_checkpoint("./my-mamba") == "./my-mamba"
     assert resolve_checkpoint(str(tmp_path / "my-mamba")) == str(tmp_path / "my-mamba")
     assert resolve_checkpoint("state-spaces/mamba-130m-hf") == "state-spaces/mamba-130m-hf"  # a hub id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_checkpoint("~/my-mamba") == str(tmp_path / "my-mamba")  # expanded, not taken for a repo id
     for missing in ("./no-such-model", str(tmp_path / "gone"), "../elsewhere/model"):
         with pytest.raises(FileNotFoundError, match=r"model\.checkpoint: '.*': no such directory \(/.*\); give a "
                                                     r"checkpoint directory, an embedded name \(embedded, "):

@@ -106,13 +106,18 @@ def resolve_checkpoint(name: str) -> str:
     ``from_pretrained`` path."""
     if name == "embedded" or name in EMBEDDED_CHECKPOINTS:
         return str(EMBEDDED_CHECKPOINTS[embedded_name(name)])
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError as exc:  # ~user of no such user
+        raise FileNotFoundError(f"model.checkpoint: {name!r}: {exc}") from exc
     # Written as a path (a hub id is never absolute, and never starts with ./, ../ or ~): say so, rather than pass it
     # to the hub, which answers with the rules of repo ids.
-    if (path.is_absolute() or name.startswith((".", "~"))) and not path.exists():
-        raise FileNotFoundError(f"model.checkpoint: {name!r}: no such directory ({path.resolve()}); give a checkpoint "
-                                f"directory, an embedded name ({', '.join(['embedded', *EMBEDDED_CHECKPOINTS])}) or a "
-                                f"Hugging Face model id")
+    if path.is_absolute() or name.startswith((".", "~")):
+        if not path.exists():
+            raise FileNotFoundError(f"model.checkpoint: {name!r}: no such directory ({path.resolve()}); give a "
+                                    f"checkpoint directory, an embedded name "
+                                    f"({', '.join(['embedded', *EMBEDDED_CHECKPOINTS])}) or a Hugging Face model id")
+        return str(path) if name.startswith("~") else name  # ~ expanded: from_pretrained would take it for a repo id
     return name
 
 
