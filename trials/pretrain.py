@@ -21,7 +21,9 @@ validation and test example:
 - images: scikit-learn's 8x8 digits outside the ``digits`` task's validation and test splits, as unlabelled
   64-step pixel sequences (labels are never read).
 The ``stdlib+packages`` corpus also drops every file that shares a 64-byte window (whitespace collapsed) with
-``pydoc_data.topics`` or with a docstring summary or example of the stdlib tasks (``HeldOutText``).
+``pydoc_data.topics`` or with a docstring summary or example of the stdlib tasks, or holds a shorter one whole
+(``HeldOutText``). Those texts are the building Python's: the corpus records its version, and a run on another
+Python says so.
 The objective is next-token prediction. The output is a Hugging Face checkpoint directory
 (``save_pretrained``, safetensors) with a card (README.md) saying how it was made.
 """
@@ -39,6 +41,7 @@ import platform
 import random
 import sysconfig
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +136,10 @@ PACKAGE_SUFFIXES = (".py", ".rst", ".txt", ".md")
 PACKAGE_EXCLUDED_DIRS = ("tests", "test", "testing", "__pycache__", "_vendor", "vendored", "externals")
 MAX_FILE_BYTES = 1_000_000  # larger files are generated tables, not text
 SHINGLE = 64  # a file sharing one window this long with held-out text is dropped
-MIN_PIECE = 24  # a held-out piece shorter than SHINGLE is matched whole when at least this long
+# A held-out piece shorter than SHINGLE is matched whole. Every piece is at least this long today (the shortest are
+# 13-byte stdlib summaries such as "Does nothing."); a shorter one would be a common word or two, found in nearly
+# every file, so it is left unchecked and counted in the manifest (``unchecked_pieces``) and the card.
+MIN_PIECE = 8
 VAL_EVERY = 200  # one file in 200 (by a hash of its path) is the held-out validation slice
 
 
@@ -181,17 +187,22 @@ def held_out_pieces() -> list[str]:
 
 class HeldOutText:
     """Finds held-out text in a file: a shared SHINGLE-byte window of any piece, or a whole piece of MIN_PIECE to
-    SHINGLE - 1 bytes, after whitespace is collapsed on both sides."""
+    SHINGLE - 1 bytes (found by the hash of its first MIN_PIECE bytes, then compared), after whitespace is collapsed
+    on both sides. Pieces under MIN_PIECE bytes are not checked (``unchecked``)."""
 
     def __init__(self, pieces: Sequence[str]) -> None:
         long_hashes: list[np.ndarray] = []
         self.short: dict[int, set[bytes]] = {}  # hash of a short piece's first MIN_PIECE bytes -> the pieces
+        self.unchecked: list[str] = []
+        self.pieces = len(pieces)
         for piece in pieces:
             a = normalise_whitespace(piece.strip().encode("utf-8"))
             if len(a) >= SHINGLE:
                 long_hashes.append(window_hashes(a, SHINGLE))
             elif len(a) >= MIN_PIECE:
                 self.short.setdefault(int(window_hashes(a[:MIN_PIECE], MIN_PIECE)[0]), set()).add(a.tobytes())
+            else:
+                self.unchecked.append(piece)
         self.long = np.unique(np.concatenate(long_hashes)) if long_hashes else np.zeros(0, dtype=np.uint64)
         self.prefixes = np.array(sorted(self.short), dtype=np.uint64)
 
@@ -207,9 +218,9 @@ class HeldOutText:
         if self._member(window_hashes(a, SHINGLE), self.long).any():
             return True
         text = a.tobytes()
-        for i in np.flatnonzero(self._member(window_hashes(a, MIN_PIECE), self.prefixes)):
-            key = int(window_hashes(a[i : i + MIN_PIECE], MIN_PIECE)[0])
-            if any(text.startswith(piece, int(i)) for piece in self.short[key]):
+        prefixes = window_hashes(a, MIN_PIECE)
+        for i in np.flatnonzero(self._member(prefixes, self.prefixes)):
+            if any(text.startswith(piece, int(i)) for piece in self.short[int(prefixes[i])]):
                 return True
         return False
 
@@ -288,7 +299,8 @@ def build_corpus(corpus: str, out: Path, packages: Sequence[str] = CORPUS_PACKAG
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(lzma.compress(data, preset=9))
     manifest = {"corpus": corpus, "python": platform.python_version(), "packages": package_versions(packages),
-                "shingle": SHINGLE, "min_piece": MIN_PIECE, "val_every": VAL_EVERY, "bytes": len(data),
+                "shingle": SHINGLE, "min_piece": MIN_PIECE, "held_out_pieces": held_out.pieces,
+                "unchecked_pieces": len(held_out.unchecked), "val_every": VAL_EVERY, "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(), "compressed_bytes": out.stat().st_size,
                 "dropped": {k: len(v) for k, v in dropped.items()}, "dropped_files": dropped, "files": files}
     manifest_path(out).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -309,11 +321,22 @@ class ByteCorpus:
 
 
 def load_corpus_file(path: Path) -> ByteCorpus:
-    """The corpus written by ``build_corpus``, checked against its manifest's sha256."""
+    """The corpus written by ``build_corpus``, checked against its manifest's sha256.
+
+    Read on another Python than the one it was built on, it warns and still loads: its held-out filter is the
+    building Python's (``pydoc_data.topics`` and the docstrings the stdlib tasks are made of), which holds out the
+    tasks as long as they are built on that Python too (the intended use: built and evaluated on 3.11, trained on a
+    GPU machine's 3.12)."""
     manifest = json.loads(manifest_path(path).read_text())
     data = lzma.decompress(path.read_bytes())
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
         raise ValueError(f"--corpus-file {path}: its bytes do not match the sha256 in {manifest_path(path)}")
+    here = platform.python_version()
+    if manifest["python"] != here:
+        warnings.warn(f"--corpus-file {path}: built on Python {manifest['python']}, read on Python {here}. Its "
+                      f"held-out filter used Python {manifest['python']}'s pydoc_data.topics and stdlib docstrings: "
+                      f"downstream tasks built on Python {manifest['python']} stay held out, tasks built on another "
+                      "Python may hold text the filter never saw (the card records both versions)", stacklevel=2)
     a = np.frombuffer(data, dtype=np.uint8)
     ends = np.cumsum([f["bytes"] for f in manifest["files"]])
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
@@ -347,6 +370,9 @@ def validation_loss(model: Any, val: torch.Tensor, length: int, batch: int, max_
     """Mean next-byte loss (nats/byte) over the first ``max_windows`` non-overlapping ``length``-byte windows of
     ``val``, and how many bytes were predicted."""
     n = min(max_windows, len(val) // length)
+    if n < 1:
+        raise ValueError(f"validation loss: the validation slice has {len(val)} bytes and max_windows is "
+                         f"{max_windows}, not one {length}-byte window to score")
     windows = val[: n * length].view(n, length).long() + BYTE_OFFSET  # [n, L]
     model.eval()
     total = 0.0
@@ -355,7 +381,7 @@ def validation_loss(model: Any, val: torch.Tensor, length: int, batch: int, max_
         # No generation cache: with one, the mixer defers to transformers' slow cached path.
         total += float(model(input_ids=x, labels=x, use_cache=False).loss) * x.shape[0]
     model.train()
-    return total / max(n, 1), n * (length - 1)
+    return total / n, n * (length - 1)
 
 
 def scan_path(device: str) -> str:
@@ -476,6 +502,9 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
         if built.manifest["corpus"] != corpus:
             raise ValueError(f"--corpus-file {corpus_file}: holds corpus {built.manifest['corpus']!r}, the recipe "
                              f"needs {corpus!r}")
+        if len(built.val) < length or val_windows < 1:  # checked before training, not after it
+            raise ValueError(f"--corpus-file {corpus_file}: its validation slice has {len(built.val)} bytes, not one "
+                             f"{length}-byte window (val_windows {val_windows})")
     text = [] if built is not None else text_corpus(corpus)
     images = image_corpus(seed)
     config = build_config(hidden, layers, state, arch, head_dim, groups, chunk)
@@ -509,7 +538,8 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
         if (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {torch.stack(losses[-log_every:]).mean().item():.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
-    final_loss = float(torch.stack(losses[-log_every:]).mean())
+    # float64 mean of the per-step losses, as pretrain.json has always recorded it (not a float32 torch mean).
+    final_loss = float(np.mean([loss.item() for loss in losses[-log_every:]]))
     _sync(device)
     seconds = time.time() - t0
     val: dict[str, Any] = {}
@@ -530,7 +560,8 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
         info_corpus = {"files": sum(f["split"] == "train" for f in m["files"]),
                        "val_files": sum(f["split"] == "val" for f in m["files"]), "text_bytes": len(built.train),
                        "corpus_file": str(corpus_file) if corpus_file else None, "corpus_sha256": m["sha256"],
-                       "corpus_python": m["python"], "packages": m["packages"], "dropped": m["dropped"]}
+                       "corpus_python": m["python"], "packages": m["packages"], "dropped": m["dropped"],
+                       "min_piece": m["min_piece"], "unchecked_pieces": m.get("unchecked_pieces")}
     else:
         info_corpus = {"files": len(stdlib_files(corpus)), "text_bytes": len(text)}
     info_device: dict[str, Any] = {}
@@ -574,16 +605,23 @@ def model_card(info: dict) -> str:
             f"({info['text_bytes']:,} bytes): {files}")
     if info["corpus"] in BUILT_CORPORA:
         dropped = info["dropped"]
+        unchecked = "unknown" if info.get("unchecked_pieces") is None else info["unchecked_pieces"]
         text = (f"the `{info['corpus']}` corpus (`--corpus-file {info['corpus_file']}`, sha256 "
                 f"{info['corpus_sha256'][:16]}..., built by `python -m trials.pretrain --build-corpus "
-                f"{info['corpus']}` on Python {info['corpus_python']}): {info['files']:,} training files, "
-                f"{info['text_bytes']:,} bytes. They are the `stdlib` corpus (" + files + ") and the .py, .rst, .txt "
-                "and .md files of these installed packages, without test or vendored folders: "
-                + ", ".join(info["packages"].values()) + f". Dropped: {dropped['held_out']} files holding held-out "
-                f"text (a {SHINGLE}-byte window of `pydoc_data.topics` or of a stdlib task's text, whitespace "
-                f"collapsed), {dropped['duplicate']} exact duplicates, {dropped['too_large']} over "
-                f"{MAX_FILE_BYTES:,} bytes, {dropped['not_utf8']} not UTF-8. {info['val_files']} further files (one "
-                f"in {VAL_EVERY}, by a hash of the path) are the validation slice")
+                f"{info['corpus']}` on Python {info['corpus_python']}, trained on Python {info['python']}): "
+                f"{info['files']:,} training files, {info['text_bytes']:,} bytes. They are the `stdlib` corpus ("
+                + files + ") and the .py, .rst, .txt and .md files of these installed packages, without test or "
+                "vendored folders: " + ", ".join(info["packages"].values()) + f". Dropped: {dropped['held_out']} "
+                f"files holding held-out text (a {SHINGLE}-byte window of `pydoc_data.topics` or of a stdlib task's "
+                f"text, or the whole of a shorter one of at least {info['min_piece']} bytes, whitespace collapsed; "
+                f"{unchecked} pieces are shorter and left unchecked), {dropped['duplicate']} exact duplicates, "
+                f"{dropped['too_large']} over {MAX_FILE_BYTES:,} bytes, {dropped['not_utf8']} not UTF-8. "
+                f"{info['val_files']} further files (one in {VAL_EVERY}, by a hash of the path) are the validation "
+                "slice")
+        if info["corpus_python"] != info["python"]:
+            text += (f". The held-out filter is Python {info['corpus_python']}'s `pydoc_data.topics` and stdlib "
+                     f"docstrings: it holds out the downstream tasks built on Python {info['corpus_python']}, not "
+                     f"necessarily those built on this run's Python {info['python']}")
     if "device" in info:
         where_run = (f"fp32 on {info['device_name']} ({info['device']}; torch {info['torch']}, {scan}: "
                      f"{info['scan_path']})")
@@ -592,6 +630,8 @@ def model_card(info: dict) -> str:
     how = f"python -m trials.pretrain --recipe {info['recipe']} --out {where}"
     if info["corpus"] in BUILT_CORPORA:
         how += f" --corpus-file {info['corpus_file']} --device {info['device']} --steps {info['steps']}"
+    if info["seed"] != 0:
+        how += f" --seed {info['seed']}"
     recipe = RECIPES.get(info["recipe"], {})
     for key, flag in (("batch", "batch_size"), ("length", "seq_len")):
         if key in recipe and recipe[key] != info[flag]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from tests.conftest import small_trial_yaml
 from trials import pretrain
-from trials.data import BYTE_OFFSET, PAD_ID, PIXEL_OFFSET, PYDOC_TOPICS, load_stdlib_modules_task
+from trials.data import BYTE_OFFSET, PAD_ID, PIXEL_OFFSET, PYDOC_TOPICS, load_stdlib_modules_task, stdlib_functions
 
 BUILT = Path(__file__).resolve().parents[2] / ".gpu" / "corpus" / "stdlib+packages.xz"
 
@@ -45,9 +46,10 @@ def test_window_hashes_are_the_same_for_the_same_bytes_anywhere():
 def test_held_out_text_is_found_rewrapped_and_a_clean_file_is_not(held_out):
     rewrapped = _topic_window("compound", 2000).replace(" ", "\n        ")  # indented into a docstring
     assert held_out.found(f'def f():\n    """{rewrapped}"""\n'.encode())
+    complete = {f.summary for f in stdlib_functions()}  # a row cut at the task's length ends mid-summary
     for text in _heldout_split_texts()[::10]:
         summary = text.split("): ", 1)[1]
-        if len(summary) >= pretrain.MIN_PIECE:
+        if summary in complete:
             assert held_out.found(f"    # {summary}\n".encode()), summary
     assert not held_out.found(b"def add(a, b):\n    '''Add two numbers of the same kind.'''\n    return a + b\n")
 
@@ -79,6 +81,82 @@ def test_building_the_corpus_drops_a_file_that_puts_held_out_text_back(tmp_path,
     pretrain.manifest_path(out).write_text(json.dumps({**manifest, "sha256": "0" * 64}))
     with pytest.raises(ValueError, match="do not match the sha256"):
         pretrain.load_corpus_file(out)
+
+
+def test_a_held_out_summary_shorter_than_a_shingle_drops_the_file_that_holds_it(tmp_path, held_out):
+    short = "Does nothing."  # poplib.POP3.noop's summary, 13 bytes; numpy's _add_newdocs.py has it
+    assert short in {f.summary for f in stdlib_functions()}
+    site = _fake_site(tmp_path)
+    (site / "pkg" / "noop.py").write_text(f'def noop():\n    """{short}\n\n    More words after it.\n    """\n')
+    m = pretrain.build_corpus("stdlib+packages", tmp_path / "corpus.xz", packages=["pkg"], site=site,
+                              held_out=held_out, stdlib=[])
+    assert m["dropped_files"]["held_out"] == ["pkg/leak.py", "pkg/noop.py"]
+    assert m["unchecked_pieces"] == 0 and m["held_out_pieces"] == held_out.pieces > 900
+
+
+def test_every_held_out_piece_is_checked_and_a_near_miss_is_not_found(held_out):
+    shortest = min(held_out_piece_lengths := [len(" ".join(p.split()).encode()) for p in pretrain.held_out_pieces()])
+    assert held_out.unchecked == [] and shortest >= pretrain.MIN_PIECE and len(held_out_piece_lengths) > 900
+    assert held_out.found(b"x = 1  # Does\n     nothing. Really.")
+    assert not held_out.found(b"x = 1  # Does nothing much.") and not held_out.found(b"# Does anything.")
+
+
+def test_files_too_large_or_not_utf8_are_dropped_and_named(tmp_path, held_out, monkeypatch):
+    site = _fake_site(tmp_path)
+    (site / "pkg" / "latin1.py").write_bytes('"""Caf\u00e9 au lait, written in Latin-1."""\n'.encode("latin-1"))
+    (site / "pkg" / "table.py").write_text("TABLE = [" + "1, " * 400 + "]\n")
+    monkeypatch.setattr(pretrain, "MAX_FILE_BYTES", 1000)
+    m = pretrain.build_corpus("stdlib+packages", tmp_path / "corpus.xz", packages=["pkg"], site=site,
+                              held_out=held_out, stdlib=[])
+    assert m["dropped_files"]["not_utf8"] == ["pkg/latin1.py"]
+    assert set(m["dropped_files"]["too_large"]) == {"pkg/table.py", "pkg/notes.rst"}  # notes.rst: 2,040 bytes
+    assert m["dropped"]["too_large"] == 2 and all(f["bytes"] <= 1000 for f in m["files"])
+
+
+def test_a_corpus_read_on_another_python_loads_with_a_warning_naming_both_versions(tmp_path, held_out):
+    out = tmp_path / "corpus.xz"
+    pretrain.build_corpus("stdlib+packages", out, packages=["pkg"], site=_fake_site(tmp_path), held_out=held_out,
+                          stdlib=[])
+    manifest = json.loads(pretrain.manifest_path(out).read_text())
+    pretrain.manifest_path(out).write_text(json.dumps({**manifest, "python": "3.0.1"}))
+    with pytest.warns(UserWarning, match=rf"built on Python 3\.0\.1, read on Python {platform.python_version()}"):
+        loaded = pretrain.load_corpus_file(out)
+    assert loaded.manifest["python"] == "3.0.1"
+
+
+def test_the_validation_loss_of_a_slice_without_one_window_is_an_error():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(pretrain.build_config(hidden=16, layers=1, state=4))
+    with pytest.raises(ValueError, match="has 31 bytes .* not one 32-byte window"):
+        pretrain.validation_loss(model, torch.zeros(31, dtype=torch.uint8), length=32, batch=4, max_windows=8)
+    with pytest.raises(ValueError, match="max_windows is 0"):
+        pretrain.validation_loss(model, torch.zeros(64, dtype=torch.uint8), length=32, batch=4, max_windows=0)
+
+
+def test_a_corpus_whose_validation_slice_is_shorter_than_a_window_is_refused_before_training(tmp_path, held_out,
+                                                                                            monkeypatch):
+    corpus = tmp_path / "corpus.xz"
+    pretrain.build_corpus("stdlib+packages", corpus, packages=["pkg"], site=_fake_site(tmp_path), held_out=held_out,
+                          stdlib=[])
+    monkeypatch.setattr(pretrain, "_train_step", lambda *a: pytest.fail("trained before checking the slice"))
+    with pytest.raises(ValueError, match="validation slice has 2040 bytes, not one 4096-byte window"):
+        pretrain.pretrain(tmp_path / "ckpt", steps=2, batch=2, length=4096, lr=3e-3, hidden=16, layers=1, state=4,
+                          seed=0, corpus="stdlib+packages", image_every=4, scan="auto", corpus_file=corpus)
+
+
+def test_the_old_recipes_record_the_float64_mean_of_the_last_step_losses(tmp_path, monkeypatch):
+    step, seen = pretrain._train_step, []
+
+    def recording(*args):
+        seen.append(step(*args).item())
+        return torch.tensor(seen[-1])
+
+    monkeypatch.setattr(pretrain, "_train_step", recording)
+    info = pretrain.pretrain(tmp_path / "ckpt", steps=4, batch=2, length=16, lr=3e-3, hidden=16, layers=1, state=4,
+                             seed=0, log_every=3, corpus="tiny", scan="auto")
+    assert info["final_loss"] == float(np.mean(seen[-3:]))  # a float32 torch mean rounds away its last digits
+    assert json.loads((tmp_path / "ckpt" / "pretrain.json").read_text())["final_loss"] == info["final_loss"]
 
 
 def test_the_validation_slice_is_whole_files_chosen_by_path():
@@ -119,9 +197,32 @@ def test_a_timed_run_on_a_built_corpus_writes_a_checkpoint_a_trial_loads_by_path
     card = (out / "README.md").read_text()
     assert f"--steps {info['steps']}" in card and "model.checkpoint: <this directory>" in card
     assert "Validation loss" in card and "numpy" not in card  # the packages the corpus was built from
+    assert "--seed" not in card and f"on Python {info['python']}, trained on Python {info['python']}" in card
+    assert "--seed 3 " in pretrain.model_card({**info, "seed": 3}).replace("`", " ")
+    other = pretrain.model_card({**info, "corpus_python": "3.0.1"})
+    assert "built on Python 3.0.1" in other and "held-out filter is Python 3.0.1's" in other
+    assert f"this run's Python {info['python']}" in other
     result = run_trial(TrialConfig.from_yaml(small_trial_yaml(steps=2, eval_every=2, checkpoint=str(out))),
                        report=lambda r: None)
     assert 0.0 <= result.val_accuracy <= 1.0
+
+
+def test_a_timed_run_picks_a_step_count_that_with_steps_gives_the_same_weights(tmp_path, held_out):
+    from safetensors.torch import load_file
+
+    corpus = tmp_path / "corpus.xz"
+    pretrain.build_corpus("stdlib+packages", corpus, packages=["pkg"], site=_fake_site(tmp_path), held_out=held_out,
+                          stdlib=pretrain.stdlib_files("tiny"))
+    args = dict(batch=4, length=32, lr=3e-3, hidden=16, layers=1, state=4, seed=0, corpus="stdlib+packages",
+                image_every=4, scan="auto", recipe="small-packages", corpus_file=corpus, val_windows=4)
+    # The timing probe trains a copy on its own batches, so the run itself is the one `--steps N` makes. Loading
+    # (the first in a process imports scikit-learn) takes seconds of the budget: the count is whatever is left.
+    timed = pretrain.pretrain(tmp_path / "timed", steps=10_000, max_seconds=6.0, timed_steps=3, **args)
+    fixed = pretrain.pretrain(tmp_path / "fixed", steps=timed["steps"], **args)
+    assert 1 <= timed["steps"] < 10_000 and "max_seconds" in timed and "max_seconds" not in fixed
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("timed", "fixed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert timed["final_loss"] == fixed["final_loss"] and timed["val_loss"] == fixed["val_loss"]
 
 
 @pytest.mark.skipif(not BUILT.exists(), reason="the stdlib+packages corpus is built locally (.gpu/corpus)")
@@ -135,8 +236,8 @@ def test_the_built_corpus_holds_no_held_out_text():
         body = " ".join(topics[name].split())
         for start in rng.sample(range(len(body) - 96), 5):
             assert body[start : start + 96].encode() not in text, name
-    summaries = {t.split("): ", 1)[1] for t in _heldout_split_texts()}
-    assert not [s for s in summaries if len(s) >= pretrain.MIN_PIECE and s.encode() in text]
+    summaries = {f.summary for f in stdlib_functions()}  # every stdlib task's answers; "Does nothing." was in it
+    assert not [s for s in summaries if " ".join(s.split()).encode() in text]
     names = [f["name"] for f in corpus.manifest["files"]]
     assert not [n for n in names if "pydoc_data" in n]
     assert corpus.manifest["dropped"]["held_out"] > 0 and len(corpus.val) > 0
