@@ -353,15 +353,16 @@ def search(space: SearchSpace, space_text: str, echo=print, resume: str | None =
     ``notice`` prints what must reach the terminal even with ``--quiet`` (errors, how to resume)."""
     from search.probe_process import ProbeProcess
 
-    # First of all: the probe opens the model and the task in its own process while this one imports Ray and
-    # starts it (seconds of every search's start-up, spent side by side).
+    notice = notice or echo
     unreachable = check_address(space.search.address)
     if unreachable is not None:  # ray.init would retry for minutes, printing connection warnings
-        (notice or echo)(f"error: {unreachable}")
+        notice(f"error: {unreachable}")
         return EXIT_BAD_INPUT
+    # Then first of all: the probe opens the model and the task in its own process while this one imports Ray and
+    # starts it (seconds of every search's start-up, spent side by side).
     log = Path(space.search.results_dir).resolve() / "ray" / "probe.log"  # beside Ray Tune's log, not the terminal
     with ProbeProcess(space.model, space.task, space_methods(space), log=log) as probe:
-        return _search(space, space_text, probe, echo, resume, resume_hint, notice or echo)
+        return _search(space, space_text, probe, echo, resume, resume_hint, notice)
 
 
 def _search(space: SearchSpace, space_text: str, probe: ProbeProcess, echo: Callable[[str], None], resume: str | None,
