@@ -459,6 +459,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def train_loop(model: Any, it: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float, log_every: int,
+               device: str = "cpu") -> tuple[float, float]:
+    """``steps`` AdamW steps under the warm-up and cosine schedule, logging every ``log_every``; returns the mean
+    loss of the last ``log_every`` steps and the seconds it took."""
+    opt = _optimizer(model, lr)
+    sched = _schedule(opt, steps)
+    t0 = time.time()
+    losses: list[torch.Tensor] = []
+    for step in range(steps):
+        losses.append(_train_step(model, opt, next(it)))
+        sched.step()
+        if (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{steps} loss {torch.stack(losses[-log_every:]).mean().item():.3f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    # float64 mean of the per-step losses, as pretrain.json has always recorded it (not a float32 torch mean).
+    final_loss = float(np.mean([loss.item() for loss in losses[-log_every:]]))
+    _sync(device)
+    return final_loss, time.time() - t0
+
+
 def seconds_per_step(model: Any, it: Iterator[tuple[torch.Tensor, torch.Tensor]], lr: float, device: str,
                      timed: int = 30, warmup: int = 5) -> float:
     """Training-step time measured on a copy of ``model`` (its own optimizer and batches), so the run itself is the
@@ -528,20 +548,7 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
         print(f"--max-seconds {max_seconds:g}: {timed_step * 1000:.1f} ms/step over {timed_steps} steps, "
               f"{time.time() - t_begin:.0f} s spent; training {steps} steps (reproduce with --steps {steps})",
               flush=True)
-    opt = _optimizer(model, lr)
-    sched = _schedule(opt, steps)
-    t0 = time.time()
-    losses: list[torch.Tensor] = []
-    for step in range(steps):
-        losses.append(_train_step(model, opt, next(it)))
-        sched.step()
-        if (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {torch.stack(losses[-log_every:]).mean().item():.3f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-    # float64 mean of the per-step losses, as pretrain.json has always recorded it (not a float32 torch mean).
-    final_loss = float(np.mean([loss.item() for loss in losses[-log_every:]]))
-    _sync(device)
-    seconds = time.time() - t0
+    final_loss, seconds = train_loop(model, it, steps, lr, log_every, device)
     val: dict[str, Any] = {}
     if built is not None:
         val_loss, val_bytes = validation_loss(model, torch.from_numpy(built.val.copy()).to(device), length, batch,
