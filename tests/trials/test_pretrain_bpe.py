@@ -81,3 +81,27 @@ def test_a_corpus_with_too_few_validation_tokens_is_refused_before_training(corp
     with pytest.raises(ValueError, match="not one 100000-token window"):
         pretrain_bpe.pretrain_bpe(tmp_path / "x", corpus, vocab_size=400, steps=1, batch=2, length=100_000,
                                   hidden=16, layers=1, state=4)
+
+
+def test_the_shipped_bpe_checkpoint_is_its_card_s_model_with_its_own_tokenizer():
+    from space.config import ModelSpec
+    from trials.data import HFTokenizer
+    from trials.model import EMBEDDED_CHECKPOINTS, load_base_model
+    from trials.tasks import make_tokenizer
+
+    path = EMBEDDED_CHECKPOINTS["embedded-small-bpe"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+                 "pretrain.json"):
+        assert (path / name).exists(), name
+    info = json.loads((path / "pretrain.json").read_text())
+    assert f"python -m trials.pretrain_bpe --corpus-file {info['corpus_file']} --steps {info['steps']}" in (
+        path / "README.md").read_text()
+    lm = load_base_model("embedded-small-bpe")
+    assert info["parameters"] == sum(p.numel() for p in lm.parameters())
+    assert (lm.config.hidden_size, lm.config.num_hidden_layers, lm.config.vocab_size) == (
+        info["hidden_size"], info["num_hidden_layers"], info["vocab_size"])
+    tok = make_tokenizer(ModelSpec(checkpoint="embedded-small-bpe"))
+    assert isinstance(tok, HFTokenizer) and tok.eos_id == 1
+    text = "def read(self, size=-1):\n    Return up to size bytes."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and max(ids) < lm.config.vocab_size and len(ids) < len(text) / 2
