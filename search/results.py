@@ -11,6 +11,7 @@ configuration it repeats in ``mps.reevaluates``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ BASELINE = "baseline"  # search.baselines: references drawn beside the front, ne
 
 class ResultsError(LookupError):
     """No such experiment, search or trial; the message names what was looked for and where."""
+
+
+def quiet_store_logs() -> None:
+    """Silence a new MLflow store's "Creating initial MLflow database tables..." / "Updating database tables" INFO
+    lines, which would open every first search's or training's output; errors and warnings still show."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def client(tracking_uri: str):

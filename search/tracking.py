@@ -7,7 +7,6 @@ params and config artifact, its validation curve as it reports, and its final me
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 from ray.tune import Callback
 
 from search.faults import ERROR_ARTIFACT, FAILED, TRACEBACK, error_reason, error_text
-from search.results import CONFIG_ARTIFACT
+from search.results import CONFIG_ARTIFACT, quiet_store_logs
 from space.config import SearchSpace, TrialConfig
 from space.metrics import METRICS, kind, test_metric
 from space.secrets import mask
@@ -62,9 +61,7 @@ def open_store(tracking_uri: str, experiment: str, artifact_root: Path) -> tuple
 
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # A new store's "Creating initial MLflow database tables..." / "Updating database tables" INFO lines would
-    # open every first search's output; errors and warnings still show.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    quiet_store_logs()
     mlflow.set_tracking_uri(tracking_uri)
     # Opening a new store runs its migrations, which another search may be running at the same moment.
     client = settled(lambda: MlflowClient(tracking_uri=tracking_uri))

@@ -25,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from search.results import CONFIG_ARTIFACT, DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from search.results import CONFIG_ARTIFACT, DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, quiet_store_logs
 from space.config import TrialConfig
 from space.secrets import mask
 from trials.train import TASK_FILE
@@ -74,6 +74,7 @@ class TrainingRun:
         uri = tracking_uri or usable_header or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        quiet_store_logs()
         client = MlflowClient(tracking_uri=uri)
         if trial_run is None:
             exp_id = _experiment(client, uri, experiment or DEFAULT_EXPERIMENT)
