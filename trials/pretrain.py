@@ -479,6 +479,13 @@ def train_loop(model: Any, it: Iterator[tuple[torch.Tensor, torch.Tensor]], step
     return final_loss, time.time() - t0
 
 
+def steps_that_fit(max_seconds: float, t_begin: float, timed_step: float, val_batches: int) -> int:
+    """How many training steps of ``timed_step`` seconds fit in what is left of ``max_seconds`` since ``t_begin``,
+    after ``val_batches`` validation forwards (a forward is ~1/3 of a step) and a 3% margin; at least one."""
+    left = max_seconds - (time.time() - t_begin) - val_batches * timed_step / 2
+    return max(1, int(0.97 * left / timed_step))
+
+
 def seconds_per_step(model: Any, it: Iterator[tuple[torch.Tensor, torch.Tensor]], lr: float, device: str,
                      timed: int = 30, warmup: int = 5) -> float:
     """Training-step time measured on a copy of ``model`` (its own optimizer and batches), so the run itself is the
@@ -543,8 +550,7 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
                     else batches(text, images, batch, length, random.Random(seed + 1), image_every))
         timed_step = seconds_per_step(model, probe_it, lr, device, timed_steps)
         val_batches = math.ceil(val_windows / batch) if built is not None else 0
-        left = max_seconds - (time.time() - t_begin) - val_batches * timed_step / 2  # a forward is ~1/3 of a step
-        steps = max(1, int(0.97 * left / timed_step))
+        steps = steps_that_fit(max_seconds, t_begin, timed_step, val_batches)
         print(f"--max-seconds {max_seconds:g}: {timed_step * 1000:.1f} ms/step over {timed_steps} steps, "
               f"{time.time() - t_begin:.0f} s spent; training {steps} steps (reproduce with --steps {steps})",
               flush=True)

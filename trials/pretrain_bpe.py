@@ -39,6 +39,7 @@ from trials.pretrain import (
     load_corpus_file,
     scan_path,
     seconds_per_step,
+    steps_that_fit,
     train_loop,
 )
 
@@ -146,8 +147,7 @@ def pretrain_bpe(out: Path, corpus_file: Path, vocab_size: int = 4096, steps: in
     timed_step = None
     if max_seconds is not None:
         timed_step = seconds_per_step(model, token_batches(train, batch, length, seed + 1), lr, "cpu")
-        left = max_seconds - (time.time() - t_begin) - math.ceil(val_windows / batch) * timed_step / 2
-        steps = max(1, int(0.97 * left / timed_step))
+        steps = steps_that_fit(max_seconds, t_begin, timed_step, math.ceil(val_windows / batch))
         print(f"--max-seconds {max_seconds:g}: {timed_step * 1000:.1f} ms/step; training {steps} steps "
               f"(reproduce with --steps {steps})", flush=True)
     final_loss, seconds = train_loop(model, it, steps, lr, log_every)
