@@ -31,8 +31,7 @@ def tiny_lm(request):
     execution path."""
     from transformers import MambaConfig, MambaForCausalLM
 
-    from trials.model import use_scan
-    from trials.run import quiet_transformers
+    from trials.models.loading import quiet_transformers, use_scan
 
     quiet_transformers()
     torch.manual_seed(0)

@@ -8,23 +8,16 @@ import pytest
 import torch
 
 from space.config import ModelSpec, TaskSpec
-from trials import pretrain
-from trials.data import (
-    PIXEL_OFFSET,
-    PYDOC_TOPICS,
-    STDLIB_MODULE_CLASSES,
-    STDLIB_TASK_MODULES,
-    ByteTokenizer,
-    DataError,
-    digits_split_indices,
-    load_digits_task,
-    load_hf_task,
-    load_pydoc_task,
-    load_stdlib_modules_task,
-    load_table_task,
-    stdlib_module_examples,
-)
-from trials.tasks import load_task
+from trials.heldout import STDLIB_TASK_MODULES
+from trials.models.vocab import PIXEL_OFFSET, ByteTokenizer
+from trials.pretraining import pretrain
+from trials.tasks.base import DataError
+from trials.tasks.registry import TASK_TYPES, load_task
+from trials.tasks.sources.digits import digits_split_indices, load_digits_task
+from trials.tasks.sources.files import load_files_task
+from trials.tasks.sources.hf import load_hf_dataset_task
+from trials.tasks.sources.pydoc import PYDOC_TOPICS, load_pydoc_task
+from trials.tasks.sources.stdlib import STDLIB_MODULE_CLASSES, load_stdlib_modules_task, stdlib_module_examples
 
 
 def test_digits_splits_are_fixed_disjoint_and_few_shot():
@@ -116,8 +109,8 @@ def test_pydoc_task_has_every_topic_in_every_split():
 def test_csv_task_reads_columns_named_in_the_space_and_splits_by_seed(tmp_path):
     rows = "\n".join(f"{'good' if i % 2 else 'bad'} film number {i},{'pos' if i % 2 else 'neg'}" for i in range(40))
     (tmp_path / "train.csv").write_text("review,sentiment\n" + rows + "\n")
-    task = load_table_task("csv", {"train": str(tmp_path / "train.csv")}, "review", "sentiment", ByteTokenizer(),
-                           max_length=32)
+    task = load_files_task("csv", TASK_TYPES["classification"], {"train": str(tmp_path / "train.csv")},
+                           {"text": "review", "label": "sentiment"}, ByteTokenizer(), max_length=32)
     assert task.num_classes == 2
     assert (len(task.train), len(task.val), len(task.test)) == (32, 4, 4)
     assert task.train.ids.shape[1] == 32
@@ -135,18 +128,20 @@ def test_jsonl_task_with_explicit_splits(tmp_path):
 def test_missing_column_is_named(tmp_path):
     (tmp_path / "train.csv").write_text("body,label\nhello,1\nworld,0\n" * 5)
     with pytest.raises(DataError, match="has no column 'text'"):
-        load_table_task("csv", {"train": str(tmp_path / "train.csv")}, "text", "label", ByteTokenizer(), 16)
+        load_files_task("csv", TASK_TYPES["classification"], {"train": str(tmp_path / "train.csv")},
+                        {"text": "text", "label": "label"}, ByteTokenizer(), 16)
 
 
 def test_missing_data_file_is_named(tmp_path):
     with pytest.raises(DataError, match="nope.csv does not exist"):
-        load_table_task("csv", {"train": str(tmp_path / "nope.csv")}, "text", "label", ByteTokenizer(), 16)
+        load_files_task("csv", TASK_TYPES["classification"], {"train": str(tmp_path / "nope.csv")},
+                        {"text": "text", "label": "label"}, ByteTokenizer(), 16)
 
 
 def test_hugging_face_dataset_loads_through_datasets_offline(tmp_path):
     for split, n in (("train", 8), ("validation", 4), ("test", 4)):
         body = "\n".join(f"sentence {i},{i % 3}" for i in range(n))
         (tmp_path / f"{split}.csv").write_text("text,label\n" + body + "\n")
-    task = load_hf_task(str(tmp_path), None, "text", "label", ByteTokenizer(), 24,
-                        {"train": "train", "validation": "validation", "test": "test"})
+    task = load_hf_dataset_task(str(tmp_path), None, {"train": "train", "validation": "validation", "test": "test"},
+                                TASK_TYPES["classification"], {"text": "text", "label": "label"}, ByteTokenizer(), 24)
     assert task.num_classes == 3 and (len(task.train), len(task.val), len(task.test)) == (8, 4, 4)

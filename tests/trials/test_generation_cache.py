@@ -20,9 +20,8 @@ from space.methods import PromptConfig
 from tests.conftest import SCAN_PATHS
 from tests.trials.test_method_details import _perturbed as perturbed
 from tests.trials.test_methods import CONFIGS, PLAIN, needs_project_mixer, on_transformers_path
-from trials.mixer import CACHE_KWARG, CACHE_KWARGS, FastMambaMixer
-from trials.model import use_scan
-from trials.run import quiet_transformers
+from trials.models.loading import quiet_transformers, use_scan
+from trials.models.mamba1_mixer import CACHE_KWARG, CACHE_KWARGS, FastMambaMixer
 
 STEPS = 4
 # Methods whose hooks transformers' cached path skips refuse to decode from a cache (test_method_details), and so

@@ -8,8 +8,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from space.config import ModelSpec, TaskSpec
-from trials.model import ARCHITECTURES, CheckpointError, architecture, load_base_model, ssm_mixers
 from trials.models.fixtures import FIXTURES, write_fixture
+from trials.models.interface import CheckpointError, architectures
+from trials.models.loading import architecture, load_base_model, ssm_mixers
 from trials.probe import Probe
 
 
@@ -45,12 +46,12 @@ def test_another_architecture_is_refused_naming_what_it_is_and_what_is_supported
         load_base_model(str(llama_dir))
     said = str(err.value)
     assert "is a 'llama' model (LlamaForCausalLM); supported: MambaForCausalLM (model_type 'mamba')" in said
-    for model_type, arch in ARCHITECTURES.items():
+    for model_type, arch in architectures().items():
         assert f"{arch.model_class} (model_type {model_type!r})" in said
 
 
 def test_the_supported_architectures_are_mamba1_mamba2_and_hybrids_of_both_families():
-    kinds = {t: a.kind for t, a in ARCHITECTURES.items()}
+    kinds = {t: a.family for t, a in architectures().items()}
     assert kinds["mamba"] == "mamba1" and kinds["mamba2"] == "mamba2"
     assert kinds["bamba"] == kinds["granitemoehybrid"] == "hybrid"  # the Granite/Bamba family
     assert {"falcon_h1", "nemotron_h"} <= {t for t, k in kinds.items() if k == "hybrid"}  # the other family
@@ -66,7 +67,7 @@ def test_architecture_returns_the_model_type_of_a_supported_config_and_refuses_a
 def test_each_supported_architecture_loads_as_its_class_with_its_own_weights(fixture_dir, tmp_path):
     model_type, path = fixture_dir
     lm = load_base_model(str(path))
-    assert type(lm).__name__ == ARCHITECTURES[model_type].model_class
+    assert type(lm).__name__ == architectures()[model_type].model_class
     # Saved again, it writes the file it was read from (Granite's experts are stored under other names than its
     # modules', so the file is the common ground).
     lm.save_pretrained(tmp_path)
@@ -78,11 +79,11 @@ def test_each_supported_architecture_loads_as_its_class_with_its_own_weights(fix
 def test_the_ssm_mixers_are_found_at_the_tables_path_and_only_there(fixture_dir):
     model_type, path = fixture_dir
     lm = load_base_model(str(path))
-    arch = ARCHITECTURES[model_type]
+    arch = architectures()[model_type]
     names = [name for name, _ in ssm_mixers(lm)]
     layers = lm.config.num_hidden_layers
     # The fixtures put a mixer in every layer except the hybrids' attention / MLP layers (1 and 3 of 4).
-    expected = range(layers) if arch.kind != "hybrid" or model_type == "falcon_h1" else (0, 2)
+    expected = range(layers) if arch.family != "hybrid" or model_type == "falcon_h1" else (0, 2)
     assert names == [arch.mixers.format(i=i) for i in expected]
 
 
@@ -96,8 +97,8 @@ def test_a_missing_weight_of_a_hybrid_is_named(tmp_path):
 
 
 def test_the_embedded_mamba2_loads_by_name_and_has_learnt_its_corpus():
-    from trials.data import ByteTokenizer
-    from trials.pretrain import STDLIB_FILES, stdlib_root
+    from trials.heldout import STDLIB_FILES, stdlib_root
+    from trials.models.vocab import ByteTokenizer
 
     lm = load_base_model("embedded-mamba2").eval()
     assert type(lm).__name__ == "Mamba2ForCausalLM" and lm.config.model_type == "mamba2"
@@ -152,7 +153,7 @@ def test_the_fast_scans_install_the_projects_mamba2_mixer_where_it_covers_the_ar
     covered = {c.__name__ for c in mamba2_mixer.FAST_CLASSES}
     fast = load_base_model(str(path), scan="torch").eval()
     kept = load_base_model(str(path), scan="hf_loop").eval()
-    mixer_class = ARCHITECTURES[model_type].mixer_class
+    mixer_class = architectures()[model_type].mixer_class
     for _, mixer in ssm_mixers(fast):
         assert isinstance(mixer, mamba2_mixer.FastSSDForward) == (mixer_class in covered)
     assert not any(isinstance(m, mamba2_mixer.FastSSDForward) for _, m in ssm_mixers(kept))

@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+from trials.models.loading import quiet_transformers
 from trials.models.mamba2_mixer import FastMamba2Mixer, install_fast_mamba2_mixer
-from trials.run import quiet_transformers
 
 VOCAB, HEADS, HEAD_DIM, STATE, K = 40, 8, 8, 4, 4
 INNER = HEADS * HEAD_DIM

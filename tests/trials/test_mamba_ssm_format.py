@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
-from trials.model import CheckpointError, load_base_model
+from trials.models.interface import CheckpointError
+from trials.models.loading import load_base_model
 from trials.models.mamba_ssm_format import is_mamba_ssm, to_transformers_config
 
 VOCAB, PADDED = 281, 288  # mamba-ssm pads the embedding rows up to pad_vocab_size_multiple (16 here)

@@ -19,9 +19,9 @@ from space.methods import (
 )
 from tests.trials.test_methods import on_transformers_path
 from trials.methods import REGISTRY, MethodError, apply_methods, merge_methods
-from trials.model import use_scan
+from trials.models.loading import use_scan
 from trials.models.mamba1 import dims as mamba1_dims
-from trials.scan import _reference_scan
+from trials.models.scan import _reference_scan
 
 
 def forward(lm, ids, **kw):
@@ -185,7 +185,7 @@ def test_a_suffix_prompt_acts_on_the_last_real_position_only(tiny_lm, tiny_ids):
 
 
 def test_classifier_reads_the_suffix_after_each_examples_last_real_token():
-    from trials.model import SequenceClassifier
+    from trials.tasks.types.classification import SequenceClassifier
 
     torch.manual_seed(0)
     lm = use_scan(MambaForCausalLM(MambaConfig(vocab_size=40, hidden_size=32, state_size=4, num_hidden_layers=2)),

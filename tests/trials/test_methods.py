@@ -29,7 +29,7 @@ from trials.methods import (
     save_adapters,
     supported,
 )
-from trials.model import use_scan
+from trials.models.loading import use_scan
 from trials.models.mamba1 import dims as mamba1_dims
 
 # Test-sized configs for the tiny model (D=32, E=64, N=4, R=2, K=4, 2 layers); the rest use their defaults.
@@ -76,7 +76,7 @@ def needs_project_mixer(name: str) -> bool:
 
 
 def on_transformers_path(lm) -> bool:
-    from trials.mixer import FastMambaMixer
+    from trials.models.mamba1_mixer import FastMambaMixer
 
     return not isinstance(lm.backbone.layers[0].mixer, FastMambaMixer)
 

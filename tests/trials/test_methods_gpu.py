@@ -9,7 +9,7 @@ from transformers import MambaConfig, MambaForCausalLM
 
 from tests.trials.test_methods import CONFIGS, PLAIN, methods_of, perturb
 from trials.methods import apply_methods
-from trials.model import use_scan
+from trials.models.loading import use_scan
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -44,7 +44,7 @@ def test_every_trainable_tensor_gets_a_gradient_on_cuda_and_outputs_match_cpu(co
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_the_classifier_pools_on_the_device_its_inputs_are_on(pooling):
-    from trials.model import SequenceClassifier
+    from trials.tasks.types.classification import SequenceClassifier
 
     torch.manual_seed(0)
     clf = SequenceClassifier(model("torch"), num_classes=3, pooling=pooling).eval()

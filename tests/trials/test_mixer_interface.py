@@ -8,8 +8,8 @@ import torch
 from transformers import Mamba2Config, MambaConfig, MambaForCausalLM
 
 from tests.trials.test_methods_mamba2 import BUILDERS, build
-from trials.model import use_scan
 from trials.models.interface import HOOKS, ArchitectureError, ModelDims, architecture_of, mixer_kinds
+from trials.models.loading import use_scan
 
 
 def tiny_mamba1(scan: str = "torch") -> MambaForCausalLM:
@@ -111,11 +111,17 @@ def test_an_unsupported_architecture_names_itself_and_the_supported_ones():
     assert architecture_of("mamba2").kind == "mamba2" and Mamba2Config().model_type == "mamba2"
 
 
-def test_every_architecture_that_loads_has_a_mixer_kind_and_no_other_does():
-    """The loader's table (what a checkpoint may be) and the interface's registry (what the methods know) agree."""
-    from trials.models import interface
-    from trials.models.loading import ARCHITECTURES
+def test_one_table_says_how_each_architecture_loads_and_what_its_mixers_are():
+    """The loader reads the interface's registry (what a checkpoint may be is what the methods know): every row has a
+    registered mixer kind, the class it loads as and where its mixers are, and the loader accepts exactly its rows."""
+    from types import SimpleNamespace
 
-    for model_type in ARCHITECTURES:
-        assert interface.architecture_of(model_type) is not None, model_type
-    assert set(interface.ARCHITECTURES) == set(ARCHITECTURES)
+    from trials.models import interface, loading
+
+    table = interface.architectures()
+    assert list(table) == ["mamba", "mamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h"]
+    for model_type, arch in table.items():
+        assert arch.kind in interface.KINDS and arch.model_class.endswith("ForCausalLM") and "{i}" in arch.mixers
+        assert loading.architecture(SimpleNamespace(model_type=model_type)) == model_type
+    with pytest.raises(loading.CheckpointError, match="supported: MambaForCausalLM"):
+        loading.architecture(SimpleNamespace(model_type="llama"))

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import small_trial_yaml
-from trials import pretrain
-from trials.data import BYTE_OFFSET, PAD_ID, PIXEL_OFFSET, PYDOC_TOPICS, load_stdlib_modules_task, stdlib_functions
+from trials.models.vocab import BYTE_OFFSET, PAD_ID, PIXEL_OFFSET
+from trials.pretraining import pretrain
+from trials.tasks.sources.pydoc import PYDOC_TOPICS
+from trials.tasks.sources.stdlib import load_stdlib_modules_task, stdlib_functions
 
 BUILT = Path(__file__).resolve().parents[2] / ".gpu" / "corpus" / "stdlib+packages.xz"
 

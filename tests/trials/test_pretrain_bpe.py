@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.trials.test_pretrain import _fake_site
-from trials import pretrain, pretrain_bpe
+from trials.pretraining import pretrain, pretrain_bpe
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,8 @@ def test_token_batches_are_windows_of_the_token_stream():
 
 def test_a_pretrained_bpe_checkpoint_is_loaded_with_its_tokenizer_by_a_trial_and_the_scratch_arm(corpus, tmp_path):
     from space.config import TrialConfig
-    from trials.data import HFTokenizer
     from trials.run import run_trial
-    from trials.tasks import make_tokenizer
+    from trials.tasks.tokenizers import HFTokenizer, make_tokenizer
 
     out = tmp_path / "ckpt"
     info = pretrain_bpe.pretrain_bpe(out, corpus, vocab_size=500, steps=3, batch=4, length=16, hidden=16, layers=2,
@@ -85,9 +84,8 @@ def test_a_corpus_with_too_few_validation_tokens_is_refused_before_training(corp
 
 def test_the_shipped_bpe_checkpoint_is_its_card_s_model_with_its_own_tokenizer():
     from space.config import ModelSpec
-    from trials.data import HFTokenizer
-    from trials.model import EMBEDDED_CHECKPOINTS, load_base_model
-    from trials.tasks import make_tokenizer
+    from trials.models.loading import EMBEDDED_CHECKPOINTS, load_base_model
+    from trials.tasks.tokenizers import HFTokenizer, make_tokenizer
 
     path = EMBEDDED_CHECKPOINTS["embedded-small-bpe"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",

@@ -11,10 +11,10 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from tests.conftest import SCAN_PATHS
-from trials import scan as scan_mod
-from trials.mixer import FastMambaMixer, install_fast_mixer
-from trials.model import use_scan
-from trials.scan import selective_scan
+from trials.models import scan as scan_mod
+from trials.models.loading import use_scan
+from trials.models.mamba1_mixer import FastMambaMixer, install_fast_mixer
+from trials.models.scan import selective_scan
 
 FAST = ("compiled", "torch")
 # (batch, channels, length, state): odd lengths, lengths no chunk size divides, a single step.
@@ -244,7 +244,7 @@ def test_cuda_path_uses_the_effective_weights():
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("silu", [True, False], ids=["silu", "linear"])
 def test_causal_conv_matches_torch_conv1d_on_a_strided_view(impl, silu):
-    from trials.scan import causal_conv
+    from trials.models.scan import causal_conv
 
     seed = property_seed()
     gen = torch.Generator().manual_seed(seed)

@@ -222,7 +222,7 @@ def test_a_trial_runs_the_warm_up_and_carries_its_selection(monkeypatch):
 def test_a_trained_sdt_trial_reloads_from_its_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from trials import train as train_module
+    from trials import trained as train_module
     from trials.methods.api import adapter_state
     from trials.methods.sdt import SparseDelta
     from trials.run import evaluate

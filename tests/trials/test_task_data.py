@@ -12,23 +12,20 @@ import pytest
 import torch
 
 from space.config import ModelSpec, TaskSpec
-from trials import pretrain
-from trials.data import (
-    SEP_ID,
+from trials.heldout import STDLIB_TASK_MODULES
+from trials.models.vocab import SEP_ID, ByteTokenizer
+from trials.pretraining import pretrain
+from trials.tasks.base import DataError, Split, TaskData
+from trials.tasks.registry import TASK_TYPES, load_task
+from trials.tasks.sources.files import load_files_task
+from trials.tasks.sources.hf import load_hf_dataset_task
+from trials.tasks.sources.stdlib import (
     STDLIB_SPLIT_CAPS,
-    STDLIB_TASK_MODULES,
-    ByteTokenizer,
-    DataError,
-    HFTokenizer,
-    Split,
-    TaskData,
-    load_hf_lm_task,
     load_stdlib_docstrings_task,
     load_stdlib_functions_task,
-    load_table_lm_task,
     stdlib_functions,
 )
-from trials.tasks import load_task
+from trials.tasks.tokenizers import HFTokenizer
 
 BYTES = ByteTokenizer()
 LM_COLUMNS = {"prompt": "prompt", "response": "response", "instruction": "instruction", "input": "input",
@@ -160,15 +157,15 @@ def test_causal_lm_csv_cuts_missing_splits_by_seed_and_ends_responses_with_eos(t
     lines = [f'"{r["prompt"]}",{r["response"]}' for r in lm_rows(40)]
     (tmp_path / "train.csv").write_text("prompt,response\n" + "\n".join(lines) + "\n")
     files = {"train": str(tmp_path / "train.csv")}
-    task = load_table_lm_task("csv", "causal_lm", files, LM_COLUMNS, BYTES, 64, seed=0)
+    task = load_files_task("csv", TASK_TYPES["causal_lm"], files, LM_COLUMNS, BYTES, 64, seed=0)
     assert (task.type, sizes(task)) == ("causal_lm", {"train": 32, "val": 4, "test": 4})
     source = {r["prompt"]: r["response"] for r in lm_rows(40)}
     rows = [row_text(s, i) for s in (task.train, task.val, task.test) for i in range(len(s))]
     assert sorted(rows) == sorted(source.items())  # CSV numbers stay text: "10", not 10
     assert int(task.train.ids[0, int(task.train.lengths[0]) - 1]) == SEP_ID
     assert task.decode is not None and task.decode(task.test.ids[0].tolist()) == "".join(row_text(task.test, 0))
-    again = load_table_lm_task("csv", "causal_lm", files, LM_COLUMNS, BYTES, 64, seed=0)
-    reseeded = load_table_lm_task("csv", "causal_lm", files, LM_COLUMNS, BYTES, 64, seed=1)
+    again = load_files_task("csv", TASK_TYPES["causal_lm"], files, LM_COLUMNS, BYTES, 64, seed=0)
+    reseeded = load_files_task("csv", TASK_TYPES["causal_lm"], files, LM_COLUMNS, BYTES, 64, seed=1)
     assert torch.equal(task.test.ids, again.test.ids) and not torch.equal(task.test.ids, reseeded.test.ids)
 
 
@@ -177,7 +174,8 @@ def test_causal_lm_reads_alpaca_instruction_input_output(tmp_path):
             {"instruction": "Say hi.", "input": "", "output": "hi"},
             {"instruction": "Say bye.", "output": "bye"}]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    task = load_table_lm_task("jsonl", "causal_lm", {"train": path, "validation": path, "test": path}, LM_COLUMNS,
+    task = load_files_task("jsonl", TASK_TYPES["causal_lm"],
+                           {"train": path, "validation": path, "test": path}, LM_COLUMNS,
                               BYTES, 64)
     assert [row_text(task.train, i) for i in range(3)] == [
         ("Add the numbers.\n\n2 3", "5"), ("Say hi.", "hi"), ("Say bye.", "bye")]
@@ -194,7 +192,7 @@ def test_multiple_choice_jsonl_reads_answers_as_index_digit_letter_or_text(tmp_p
     answers = [2, "2", "C", "neither"]
     rows = [{"question": "Which?", "choices": ["0", "1", "neither"], "answer": a} for a in answers]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    task = load_table_lm_task("jsonl", "multiple_choice", {"train": path, "validation": path, "test": path},
+    task = load_files_task("jsonl", TASK_TYPES["multiple_choice"], {"train": path, "validation": path, "test": path},
                               MC_COLUMNS, BYTES, 64)
     assert task.type == "multiple_choice" and task.train.num_examples == 4 and len(task.train) == 12
     assert questions(task.train) == [("Which?", [" 0", " 1", " neither"], 2)] * 4
@@ -214,7 +212,7 @@ def test_multiple_choice_csv_reads_one_column_per_choice(tmp_path):
 def test_multiple_choice_truncation_keeps_the_choice_and_is_noted(tmp_path):
     rows = [{"question": "x" * 40, "choices": ["yes", "no"], "answer": "A"}] * 10
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    task = load_table_lm_task("jsonl", "multiple_choice", {"train": path, "validation": path, "test": path},
+    task = load_files_task("jsonl", TASK_TYPES["multiple_choice"], {"train": path, "validation": path, "test": path},
                               MC_COLUMNS, BYTES, 16)
     assert questions(task.test)[0] == ("x" * 12, [" yes", " no"], 0)
     assert f"task.files.train ({path}): 20 of 20 rows longer than max_length 16 were truncated" in task.notes
@@ -224,7 +222,7 @@ def test_causal_lm_truncation_is_noted_per_split(tmp_path):
     rows = lm_rows(10) + [{"prompt": "p" * 30, "response": "r" * 30}] * 2
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     short = write_jsonl(tmp_path / "short.jsonl", lm_rows(3))
-    task = load_table_lm_task("jsonl", "causal_lm", {"train": train, "validation": short, "test": short},
+    task = load_files_task("jsonl", TASK_TYPES["causal_lm"], {"train": train, "validation": short, "test": short},
                               LM_COLUMNS, BYTES, 24)
     assert task.notes == (f"task.files.train ({train}): 2 of 12 rows longer than max_length 24 were truncated",)
 
@@ -232,7 +230,8 @@ def test_causal_lm_truncation_is_noted_per_split(tmp_path):
 def test_hugging_face_dataset_for_multiple_choice_cuts_a_missing_split(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", mc_rows(30))
     write_jsonl(tmp_path / "test.jsonl", mc_rows(5))
-    task = load_hf_lm_task(str(tmp_path), None, {"train": "train", "test": "test"}, "multiple_choice", MC_COLUMNS,
+    task = load_hf_dataset_task(str(tmp_path), None, {"train": "train", "test": "test"}, TASK_TYPES["multiple_choice"],
+                                MC_COLUMNS,
                            BYTES, 16)
     assert sizes(task) == {"train": 24, "val": 3, "test": 5}
     cut = f"task.hf_splits.validation (cut from {str(tmp_path)!r} split 'train' by split_seed 0): "
@@ -252,7 +251,8 @@ def test_classification_reads_the_columns_named_by_role(tmp_path):
 def bad_lm(tmp_path: Path, rows: list[dict]) -> str:
     good = write_jsonl(tmp_path / "good.jsonl", lm_rows(3))
     bad = write_jsonl(tmp_path / "bad.jsonl", lm_rows(3) + rows)
-    load_table_lm_task("jsonl", "causal_lm", {"train": good, "validation": bad, "test": good}, LM_COLUMNS, BYTES, 64)
+    load_files_task("jsonl", TASK_TYPES["causal_lm"],
+                    {"train": good, "validation": bad, "test": good}, LM_COLUMNS, BYTES, 64)
     return bad
 
 
@@ -272,7 +272,8 @@ def test_a_column_missing_from_a_file_is_named(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", lm_rows(3))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "reply": "r"}])
     with pytest.raises(DataError) as err:
-        load_table_lm_task("jsonl", "causal_lm", {"train": good, "validation": good, "test": bad}, LM_COLUMNS, BYTES,
+        load_files_task("jsonl", TASK_TYPES["causal_lm"],
+                        {"train": good, "validation": good, "test": bad}, LM_COLUMNS, BYTES,
                            64)
     assert f"task.files.test ({bad}): row 0: column 'response': missing (columns: ['prompt', 'reply'])" in str(
         err.value)
@@ -281,7 +282,7 @@ def test_a_column_missing_from_a_file_is_named(tmp_path):
 def test_causal_lm_without_either_column_set_names_the_missing_columns(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "output": "o"}])
     with pytest.raises(DataError) as err:
-        load_table_lm_task("jsonl", "causal_lm", {"train": path}, LM_COLUMNS, BYTES, 64)
+        load_files_task("jsonl", TASK_TYPES["causal_lm"], {"train": path}, LM_COLUMNS, BYTES, 64)
     message = str(err.value)
     assert str(path) in message and "row 0" in message
     assert "missing ['response']" in message and "missing ['instruction']" in message
@@ -303,7 +304,8 @@ def test_bad_multiple_choice_rows_name_file_row_and_column(tmp_path, answer, cho
     good = write_jsonl(tmp_path / "good.jsonl", mc_rows(4))
     path = write_jsonl(tmp_path / "bad.jsonl", mc_rows(2) + [bad])
     with pytest.raises(DataError) as err:
-        load_table_lm_task("jsonl", "multiple_choice", {"train": good, "validation": good, "test": path}, MC_COLUMNS,
+        load_files_task("jsonl", TASK_TYPES["multiple_choice"],
+                        {"train": good, "validation": good, "test": path}, MC_COLUMNS,
                            BYTES, 64)
     assert f"task.files.test ({path}): row 2: column {column!r}: " in str(err.value)
     assert problem in str(err.value)
@@ -313,7 +315,7 @@ def test_an_answer_that_is_a_position_and_another_choices_text_is_ambiguous(tmp_
     path = write_jsonl(tmp_path / "train.jsonl", [{"question": "Q", "choices": ["1", "0"], "answer": "1"}])
     with pytest.raises(DataError, match=r"row 0: column 'answer': '1' is both the position of choice 1 and the "
                                         r"text of choice 0"):
-        load_table_lm_task("jsonl", "multiple_choice", {"train": path, "validation": path, "test": path},
+        load_files_task("jsonl", TASK_TYPES["multiple_choice"], {"train": path, "validation": path, "test": path},
                            MC_COLUMNS, BYTES, 64)
 
 
@@ -321,23 +323,25 @@ def test_a_missing_csv_choice_column_is_named(tmp_path):
     (tmp_path / "train.csv").write_text("question,a,b,answer\nQ,x,y,A\nR,x,,B\n")
     files = {k: str(tmp_path / "train.csv") for k in ("train", "validation", "test")}
     with pytest.raises(DataError, match=r"train.csv\): row 1: column 'b': expected non-empty text, got None"):
-        load_table_lm_task("csv", "multiple_choice", files, {**MC_COLUMNS, "choices": ["a", "b"]}, BYTES, 64)
+        load_files_task("csv", TASK_TYPES["multiple_choice"], files, {**MC_COLUMNS, "choices": ["a", "b"]}, BYTES, 64)
     with pytest.raises(DataError, match=r"train.csv\): row 0: column 'c': missing"):
-        load_table_lm_task("csv", "multiple_choice", files, {**MC_COLUMNS, "choices": ["a", "b", "c"]}, BYTES, 64)
+        load_files_task("csv", TASK_TYPES["multiple_choice"],
+                        files, {**MC_COLUMNS, "choices": ["a", "b", "c"]}, BYTES, 64)
 
 
 def test_an_empty_split_names_its_file(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", lm_rows(5))
     (tmp_path / "val.csv").write_text("prompt,response\n")
     with pytest.raises(DataError, match=rf"task.files.validation \({tmp_path / 'val.csv'}\): no rows"):
-        load_table_lm_task("csv", "causal_lm", {"train": train, "validation": str(tmp_path / "val.csv"),
+        load_files_task("csv", TASK_TYPES["causal_lm"], {"train": train, "validation": str(tmp_path / "val.csv"),
                                                 "test": train}, LM_COLUMNS, BYTES, 64)
 
 
 def test_a_bad_dataset_row_names_the_dataset_split(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", mc_rows(3) + [{"question": "Q", "choices": ["a", "b"], "answer": "Z"}])
     with pytest.raises(DataError) as err:
-        load_hf_lm_task(str(tmp_path), None, {"train": "train"}, "multiple_choice", MC_COLUMNS, BYTES, 64)
+        load_hf_dataset_task(str(tmp_path), None, {"train": "train"}, TASK_TYPES["multiple_choice"],
+                             MC_COLUMNS, BYTES, 64)
     assert f"task.hf_dataset {str(tmp_path)!r} split 'train': row 3: column 'answer'" in str(err.value)
 
 
@@ -377,7 +381,8 @@ def test_hf_tokenizer_applies_its_chat_template_and_appends_its_eos(chat_tokeniz
     tok = HFTokenizer(str(chat_tokenizer_dir))
     assert tok.eos_id == 1 and tok.format_prompt("hi") == "<user>hi<bot>"
     path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "hi", "response": "yo"}])
-    task = load_table_lm_task("jsonl", "causal_lm", {"train": path, "validation": path, "test": path}, LM_COLUMNS,
+    task = load_files_task("jsonl", TASK_TYPES["causal_lm"],
+                           {"train": path, "validation": path, "test": path}, LM_COLUMNS,
                               tok, 64)
     ids = task.train.ids[0, : int(task.train.lengths[0])].tolist()
     assert ids[0] == 3 and ids[int(task.train.starts[0]) - 1] == 4 and ids[-1] == 1  # <user> ... <bot> yo </s>

@@ -11,11 +11,14 @@ import torch
 from space.config import SearchSpace, SpaceError, TaskSpec, TrialConfig
 from space.methods import PromptConfig
 from tests.trials.test_methods import COMBOS, PLAIN, ids, methods_of, perturb
-from trials.data import ByteTokenizer, TaskData, make_choice_split, make_lm_split
 from trials.methods import apply_methods
-from trials.model import LanguageModel, task_model
+from trials.models.vocab import ByteTokenizer
 from trials.run import run_trial
-from trials.tasktypes import batches, choice_matrix, evaluate_split, greedy_generate, train_loss
+from trials.tasks.base import TaskData
+from trials.tasks.batching import batches
+from trials.tasks.registry import evaluate_split, task_model, train_loss
+from trials.tasks.types.causal_lm import LanguageModel, greedy_generate, make_lm_split
+from trials.tasks.types.multiple_choice import choice_matrix, make_choice_split
 
 LM_TASKS = {"causal_lm": TaskSpec(name="csv", files={"train": "x"}, type="causal_lm"),
             "multiple_choice": TaskSpec(name="csv", files={"train": "x"}, type="multiple_choice")}
@@ -224,7 +227,7 @@ def test_trial_config_of_a_user_task_loads_with_its_type():
 
 @pytest.mark.slow
 def test_a_trained_causal_lm_trial_saves_and_reloads_to_the_same_predictions(tmp_path):
-    from trials.train import load_trained, train
+    from trials.trained import load_trained, train
 
     cfg = TrialConfig.model_validate({
         "model": {}, "task": {"name": "stdlib_docstrings", "max_length": 48},
@@ -233,7 +236,7 @@ def test_a_trained_causal_lm_trial_saves_and_reloads_to_the_same_predictions(tmp
     metrics = train(cfg, tmp_path, echo=lambda line: None)
     assert {"val_loss", "test_loss", "val_perplexity"} <= set(metrics) and "val_accuracy" not in metrics
     assert metrics["merge_max_rel_error"] is not None and metrics["merge_max_rel_error"] < 1e-4
-    from trials.tasks import load_task
+    from trials.tasks.registry import load_task
 
     data = load_task(cfg.task, cfg.model)
     for merged in (False, True):

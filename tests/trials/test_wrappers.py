@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trials.model import LanguageModel, SequenceClassifier, task_model
 from trials.models.fixtures import FIXTURES, tiny_model
+from trials.tasks.registry import task_model
+from trials.tasks.types.causal_lm import LanguageModel
+from trials.tasks.types.classification import SequenceClassifier
 
 ARCHS = sorted(FIXTURES)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trials.data import EMBEDDED_VOCAB_SIZE, PAD_ID
+from trials.models.vocab import EMBEDDED_VOCAB_SIZE, PAD_ID
 
 _TOKENS: dict[str, Any] = {"vocab_size": EMBEDDED_VOCAB_SIZE, "pad_token_id": PAD_ID, "bos_token_id": 1,
                            "eos_token_id": 2}

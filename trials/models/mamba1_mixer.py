@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from trials.scan import Impl, causal_conv, selective_scan_tokens
+from trials.models.scan import Impl, causal_conv, selective_scan_tokens
 
 # transformers 5.24 renamed the mixer's generation-cache argument from ``cache_params`` to ``cache`` (the old name
 # is deprecated until 5.40). The mixer accepts both and hands the cache on under the installed version's name.

@@ -1,22 +1,22 @@
 """Reproducible pretraining recipes for the embedded checkpoints (Mamba-1, and a Mamba-2).
 
-    python -m trials.pretrain --recipe small --out trials/assets/small-mamba   # `embedded`: hidden 128, 503k
-    python -m trials.pretrain --recipe tiny --out trials/assets/tiny-mamba     # `embedded-tiny`: hidden 64, 149k
-    python -m trials.pretrain --recipe tiny-mamba2                             # `embedded-mamba2`: hidden 64, 131k
+    python -m trials.pretraining.pretrain --recipe small --out trials/assets/small-mamba  # `embedded`: hidden 128
+    python -m trials.pretraining.pretrain --recipe tiny --out trials/assets/tiny-mamba    # `embedded-tiny`: hidden 64
+    python -m trials.pretraining.pretrain --recipe tiny-mamba2                            # `embedded-mamba2`: hidden 64
 
 A larger corpus, ``stdlib+packages`` (the ``stdlib`` corpus plus the source and shipped docs of CORPUS_PACKAGES), is
 built once on a machine with the project's lock installed and carried to where it trains (a GPU machine has
 other site-packages):
 
-    python -m trials.pretrain --build-corpus stdlib+packages --corpus-out .gpu/corpus/stdlib+packages.xz
-    python -m trials.pretrain --recipe small-packages --device cuda --max-seconds 270 \
+    python -m trials.pretraining.pretrain --build-corpus stdlib+packages --corpus-out .gpu/corpus/stdlib+packages.xz
+    python -m trials.pretraining.pretrain --recipe small-packages --device cuda --max-seconds 270 \
         --corpus-file .gpu/corpus/stdlib+packages.xz --out OUT/small-packages
 
 Data present on every machine with Python 3.11 and scikit-learn, and disjoint from every downstream
 validation and test example:
 - text: standard-library source as bytes. The ``tiny`` corpus is a fixed list of 16 modules (STDLIB_FILES); the
   ``stdlib`` corpus is every pure-Python module of the standard library except the held-out ones
-  (``stdlib_files``): the modules the stdlib tasks are made from (``trials.data.STDLIB_TASK_MODULES``, whole
+  (``stdlib_files``): the modules the stdlib tasks are made from (``trials.heldout.STDLIB_TASK_MODULES``, whole
   top-level packages), ``pydoc_data`` (the ``pydoc_topics`` task), tests, GUI and tooling packages;
 - images: scikit-learn's 8x8 digits outside the ``digits`` task's validation and test splits, as unlabelled
   64-step pixel sequences (labels are never read).
@@ -50,64 +50,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from trials.data import (
-    BYTE_OFFSET,
-    EMBEDDED_VOCAB_SIZE,
-    PAD_ID,
+from trials.heldout import (  # noqa: F401 (the corpus names, for this command's users)
+    CORPORA,
+    EXCLUDED_DIRS,
+    STDLIB_FILES,
     STDLIB_TASK_MODULES,
-    ByteTokenizer,
-    digit_tokens,
-    digits_split_indices,
+    held_out_names,
+    stdlib_files,
+    stdlib_root,
+    text_corpus,
 )
-from trials.model import EMBEDDED_CHECKPOINTS, EMBEDDED_DEFAULT
+from trials.models.loading import EMBEDDED_CHECKPOINTS, EMBEDDED_DEFAULT
+from trials.models.vocab import BYTE_OFFSET, EMBEDDED_VOCAB_SIZE, PAD_ID
+from trials.tasks.sources.digits import digit_tokens, digits_split_indices
 
-STDLIB_FILES = ("argparse.py", "collections/__init__.py", "dataclasses.py", "functools.py", "inspect.py",
-                "json/decoder.py", "json/encoder.py", "logging/__init__.py", "pathlib.py", "random.py",
-                "shutil.py", "statistics.py", "string.py", "textwrap.py", "typing.py", "subprocess.py")
-
-
-# Never in the ``stdlib`` corpus: tests and demos, GUI and packaging tooling, codec tables, and pydoc_data (the
-# pydoc_topics task); plus the top-level packages of STDLIB_TASK_MODULES (the stdlib tasks), added below.
-EXCLUDED_DIRS = ("test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "encodings",
-                 "pydoc_data", "site-packages", "dist-packages", "__pycache__", "__phello__")
-CORPORA = ("tiny", "stdlib")  # read from this machine's standard library at training time
 # Built once by --build-corpus into one file (--corpus-file), since their text comes from installed packages.
 BUILT_CORPORA = ("stdlib+packages",)
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def held_out_names() -> set[str]:
-    """Top-level names (module or package) the ``stdlib`` corpus leaves out for the downstream tasks."""
-    return {m.split(".")[0] for m in STDLIB_TASK_MODULES}
-
-
-def stdlib_files(corpus: str = "stdlib") -> list[str]:
-    """The corpus's files, relative to the standard-library directory, in a fixed order."""
-    if corpus == "tiny":
-        return list(STDLIB_FILES)
-    if corpus != "stdlib":
-        raise ValueError(f"--corpus: {corpus!r} is not one of {', '.join(CORPORA)}")
-    root, held_out = stdlib_root(), held_out_names()
-    files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        top = parts[0].removesuffix(".py")
-        if top in held_out or any(part in EXCLUDED_DIRS or part.startswith("config-") for part in parts):
-            continue
-        files.append(path.relative_to(root).as_posix())
-    return files
-
-
-def text_corpus(corpus: str = "stdlib") -> list[int]:
-    root = stdlib_root()
-    tok = ByteTokenizer()
-    ids: list[int] = []
-    for rel in stdlib_files(corpus):
-        ids.extend(tok.encode((root / rel).read_text(encoding="utf-8", errors="replace")))
-    return ids
 
 
 def image_corpus(seed: int = 0) -> list[list[int]]:
@@ -177,7 +135,7 @@ def held_out_pieces() -> list[str]:
     stdlib_docstrings, stdlib_functions and stdlib_modules in every split of every seed)."""
     from pydoc_data.topics import topics
 
-    from trials.data import stdlib_functions, stdlib_module_examples
+    from trials.tasks.sources.stdlib import stdlib_functions, stdlib_module_examples
 
     pieces = [topics[name] for name in sorted(topics)]
     pieces += [f.summary for f in stdlib_functions()]
@@ -386,14 +344,14 @@ def validation_loss(model: Any, val: torch.Tensor, length: int, batch: int, max_
 
 def scan_path(device: str) -> str:
     """Which selective scan a Mamba-1 with scan ``auto`` runs on ``device``: CUDA tensors never take the compiled
-    kernel (C on CPU memory), so without mamba-ssm they run ``trials.scan``'s torch recurrence."""
+    kernel (C on CPU memory), so without mamba-ssm they run ``trials.models.scan``'s torch recurrence."""
     if device == "cuda":
-        from trials.mixer import _cuda_kernels
+        from trials.models.mamba1_mixer import _cuda_kernels
 
-        return "mamba-ssm fused kernel" if _cuda_kernels() is not None else "torch recurrence (trials.scan)"
-    from trials.scan import resolve_impl
+        return "mamba-ssm fused kernel" if _cuda_kernels() is not None else "torch recurrence (trials.models.scan)"
+    from trials.models.scan import resolve_impl
 
-    return f"{resolve_impl('auto')} (trials.scan)"
+    return f"{resolve_impl('auto')} (trials.models.scan)"
 
 
 def build_config(hidden: int, layers: int, state: int, arch: str = "mamba", head_dim: int = 16, groups: int = 1,
@@ -513,7 +471,7 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
     ``steps`` by the count that fits (loading, timing, training and validation, from this call on)."""
     from transformers import AutoModelForCausalLM
 
-    from trials.model import use_scan
+    from trials.models.loading import use_scan
 
     t_begin = time.time()
     if device == "cuda" and not torch.cuda.is_available():
@@ -523,8 +481,9 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
     built: ByteCorpus | None = None
     if corpus in BUILT_CORPORA:
         if corpus_file is None:
-            raise ValueError(f"corpus {corpus!r} is read from a file: build it with `python -m trials.pretrain "
-                             f"--build-corpus {corpus} --corpus-out PATH`, then pass --corpus-file PATH")
+            raise ValueError(f"corpus {corpus!r} is read from a file: build it with `python -m "
+                             f"trials.pretraining.pretrain --build-corpus {corpus} --corpus-out PATH`, then pass "
+                             "--corpus-file PATH")
         built = load_corpus_file(corpus_file)
         if built.manifest["corpus"] != corpus:
             raise ValueError(f"--corpus-file {corpus_file}: holds corpus {built.manifest['corpus']!r}, the recipe "
@@ -601,8 +560,8 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
 
 def model_card(info: dict) -> str:
     files = (", ".join(STDLIB_FILES) if info["corpus"] == "tiny" else
-             "every pure-Python standard-library module except the held-out ones (`trials.pretrain.stdlib_files`): "
-             "the top-level packages of `trials.data.STDLIB_TASK_MODULES` (" + ", ".join(sorted(held_out_names()))
+             "every pure-Python standard-library module except the held-out ones (`trials.heldout.stdlib_files`): "
+             "the top-level packages of `trials.heldout.STDLIB_TASK_MODULES` (" + ", ".join(sorted(held_out_names()))
              + "), and " + ", ".join(EXCLUDED_DIRS))
     share = "half" if info["image_every"] == 2 else f"1 in {info['image_every']}"
     default = ", which `embedded` means" if info["checkpoint"] == EMBEDDED_DEFAULT else ""
@@ -620,7 +579,7 @@ def model_card(info: dict) -> str:
         dropped = info["dropped"]
         unchecked = "unknown" if info.get("unchecked_pieces") is None else info["unchecked_pieces"]
         text = (f"the `{info['corpus']}` corpus (`--corpus-file {info['corpus_file']}`, sha256 "
-                f"{info['corpus_sha256'][:16]}..., built by `python -m trials.pretrain --build-corpus "
+                f"{info['corpus_sha256'][:16]}..., built by `python -m trials.pretraining.pretrain --build-corpus "
                 f"{info['corpus']}` on Python {info['corpus_python']}, trained on Python {info['python']}): "
                 f"{info['files']:,} training files, {info['text_bytes']:,} bytes. They are the `stdlib` corpus ("
                 + files + ") and the .py, .rst, .txt and .md files of these installed packages, without test or "
@@ -640,7 +599,7 @@ def model_card(info: dict) -> str:
                      f"{info['scan_path']})")
     else:
         where_run = f"fp32 on CPU (torch {info['torch']}, {scan}, {info['threads']} threads)"
-    how = f"python -m trials.pretrain --recipe {info['recipe']} --out {where}"
+    how = f"python -m trials.pretraining.pretrain --recipe {info['recipe']} --out {where}"
     if info["corpus"] in BUILT_CORPORA:
         how += f" --corpus-file {info['corpus_file']} --device {info['device']} --steps {info['steps']}"
     if info["seed"] != 0:
@@ -731,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("steps", "batch", "length", "scan"):
         if getattr(a, key) is not None:
             r[key] = getattr(a, key)
-    out = a.out or Path(__file__).resolve().parent / "assets" / r["name"]
+    out = a.out or Path(__file__).resolve().parent.parent / "assets" / r["name"]
     info = pretrain(out, r["steps"], r["batch"], r["length"], r["lr"], r["hidden"], r["layers"], r["state"], a.seed,
                     corpus=r["corpus"], image_every=r["image_every"], scan=r["scan"], name=r["name"],
                     checkpoint=r["checkpoint"], recipe=a.recipe, arch=r.get("arch", "mamba"),

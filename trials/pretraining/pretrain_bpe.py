@@ -1,7 +1,7 @@
 """Pretrain an embedded Mamba over a BPE vocabulary learnt from the ``stdlib+packages`` corpus.
 
-    python -m trials.pretrain --build-corpus stdlib+packages --corpus-out corpus/stdlib+packages.xz
-    python -m trials.pretrain_bpe --corpus-file corpus/stdlib+packages.xz --max-seconds 3600 \
+    python -m trials.pretraining.pretrain --build-corpus stdlib+packages --corpus-out corpus/stdlib+packages.xz
+    python -m trials.pretraining.pretrain_bpe --corpus-file corpus/stdlib+packages.xz --max-seconds 3600 \
         --out trials/assets/small-mamba-bpe
 
 Why a second tokenizer. The byte-level embedded models spend a position on every byte, so a CPU hour of
@@ -14,7 +14,7 @@ prediction on windows of it. The checkpoint directory holds the tokenizer (``tok
 ``scratch`` arm gets the same vocabulary with random weights. The ``digits`` task (pixel tokens of the byte
 layout) means nothing to this model; it is for text.
 
-The architecture, optimiser, schedule and step timing are ``trials.pretrain``'s; only the tokens differ.
+The architecture, optimiser, schedule and step timing are ``trials.pretraining.pretrain``'s; only the tokens differ.
 Validation loss is reported per token and per byte (summed over a token window, divided by the bytes it covers),
 so it compares with the byte-level models' nats/byte.
 """
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trials.pretrain import (
+from trials.pretraining.pretrain import (
     ByteCorpus,
     build_config,
     load_corpus_file,
@@ -122,7 +122,7 @@ def pretrain_bpe(out: Path, corpus_file: Path, vocab_size: int = 4096, steps: in
     """Learn the tokenizer, encode the corpus, pretrain and save the checkpoint with its tokenizer and card."""
     from transformers import AutoModelForCausalLM
 
-    from trials.model import use_scan
+    from trials.models.loading import use_scan
 
     t_begin = time.time()
     torch.manual_seed(seed)
@@ -187,11 +187,12 @@ def model_card(info: dict) -> str:
 
 A `{info['class']}` (hidden {info['hidden_size']}, {info['num_hidden_layers']} layers, state {info['state_size']}, \
 vocab {info['vocab_size']}, {info['parameters']:,} parameters, embeddings tied to the output) pretrained by \
-next-token prediction over a byte-level BPE vocabulary learnt from the same corpus (`trials/pretrain_bpe.py`).
+next-token prediction over a byte-level BPE vocabulary learnt from the same corpus \
+(`trials/pretraining/pretrain_bpe.py`).
 
-How it was made: `python -m trials.pretrain_bpe --corpus-file {info['corpus_file']} --steps {info['steps']} \
---out OUT` (the corpus file is built by `python -m trials.pretrain --build-corpus {info['corpus']} --corpus-out \
-PATH`{timed}).
+How it was made: `python -m trials.pretraining.pretrain_bpe --corpus-file {info['corpus_file']} \
+--steps {info['steps']} --out OUT` (the corpus file is built by `python -m trials.pretraining.pretrain \
+--build-corpus {info['corpus']} --corpus-out PATH`{timed}).
 
 - Text: the `{info['corpus']}` corpus (sha256 {info['corpus_sha256'][:16]}..., built on Python \
 {info['corpus_python']}): {info['files']:,} training files, {info['text_bytes']:,} bytes, the standard library \
@@ -217,7 +218,8 @@ clip 1.0, seed {info['seed']}, fp32 on {info['device_name']} CPU ({info['threads
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus-file", type=Path, required=True, help="written by trials.pretrain --build-corpus")
+    p.add_argument("--corpus-file", type=Path, required=True,
+                   help="written by trials.pretraining.pretrain --build-corpus")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=6000)
