@@ -4,7 +4,7 @@
 
 Measures training tokens/s (fwd+bwd) side by side in one run for:
 - ``stock``: transformers' MambaForCausalLM, whose training forward calls mamba-ssm's ``mamba_inner_fn``;
-- ``ours``: the project's mixer (``trials.mixer``) on the same kernels, with LoRA on ``in_proj`` and the
+- ``ours``: the project's mixer (``trials.models.mamba1_mixer``) on the same kernels, with LoRA on ``in_proj`` and the
   A_log delta applied, so the kernel receives effective (parametrised) weights;
 and prints ours / stock. The target is a ratio of at least 0.85.
 

@@ -1,4 +1,4 @@
-"""trials.compare and trials.baselines: each arm's learning rate is chosen on validation alone, every baseline trains
+"""trials.compare and trials.run: each arm's learning rate is chosen on validation alone, every baseline trains
 the parameters it claims, and a comparison runs end to end for a classification and a causal_lm task."""
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from trials.models.interface import Architecture, CheckpointError, architectures
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The pretrained checkpoints shipped with the package, by the name ``model.checkpoint`` takes
-# (``trials.pretrain.RECIPES`` makes them).
+# (``trials.pretraining.pretrain.RECIPES`` makes them).
 EMBEDDED_CHECKPOINTS = {"embedded-small": ASSETS / "small-mamba", "embedded-tiny": ASSETS / "tiny-mamba",
                         "embedded-mamba2": ASSETS / "tiny-mamba2",
-                        # The small architecture over a BPE vocabulary (trials.pretrain_bpe), for text tasks.
+                        # The small architecture over a BPE vocabulary (trials.pretraining.pretrain_bpe), for text.
                         "embedded-small-bpe": ASSETS / "small-mamba-bpe"}
 # What ``embedded`` means. The environment variable names another embedded checkpoint instead (the test suite
 # sets embedded-tiny, for speed); it is read on every call, so Ray workers started from that environment agree.

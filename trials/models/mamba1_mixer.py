@@ -1,5 +1,5 @@
 """The project's Mamba-1 mixer forward: transformers' ``MambaMixer`` with the selective scan of
-``trials.scan`` and the hooks PEFT methods need.
+``trials.models.scan`` and the hooks PEFT methods need.
 
 ``install_fast_mixer(lm)`` switches every mixer of a Hugging Face Mamba model to ``FastMambaMixer`` (a
 subclass; weights, state dict and ``save_pretrained`` are unchanged). Its forward:

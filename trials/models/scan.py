@@ -6,7 +6,7 @@ Notation: Bt batch, E channels (d_inner), L length, N state size.
     y_t = (<h_t, C_t> + D * u_t) * silu(z_t)
 
 Three implementations with one signature (``selective_scan``):
-- ``compiled``: a fused C kernel (trials/kernels/selective_scan.c) built once per machine with the system C
+- ``compiled``: a fused C kernel (trials/models/kernels/selective_scan.c) built once per machine with the system C
   compiler and called through ctypes. It works in the token-major layout the projections produce (no
   transposes), fuses the dt softplus, the D skip and the silu(z) gate, walks the sequence once forward and
   once backward (time linear in L), and keeps one state per 16-step chunk (the backward recomputes the rest).

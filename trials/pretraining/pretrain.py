@@ -622,14 +622,14 @@ A `{cls}` (hidden {info['hidden_size']}, {info['num_hidden_layers']} layers, sta
 {info['state_size']}{heads}, vocab {EMBEDDED_VOCAB_SIZE}, {info['parameters']:,} parameters) pretrained by \
 next-token prediction, so that PEFT adapts a model that has learnt something.
 
-How it was made: `{how}` (the recipe's settings are below; `trials/pretrain.py` holds them).
+How it was made: `{how}` (the recipe's settings are below; `trials/pretraining/pretrain.py` holds them).
 
 - Text: {info['seq_len']}-byte windows of {text}.
 - Images: {share} of the rows of each batch are {info['images']} scikit-learn 8x8 digit images read as 64 pixel \
 tokens, unlabelled, drawn only from the `digits` task's training split and the images outside all splits.
 - Held out: no validation or test example of any downstream task, no text of `pydoc_data.topics`, and no source \
 of the modules the stdlib tasks are made from.
-- Tokens: 0 pad, 1 cls, 2 sep, 3..258 bytes, 259..275 pixel levels 0..16 (`trials/data.py`).
+- Tokens: 0 pad, 1 cls, 2 sep, 3..258 bytes, 259..275 pixel levels 0..16 (`trials/models/vocab.py`).
 - Schedule: {info['steps']} steps, batch {info['batch_size']}, AdamW lr {info['lr']} (5% warm-up, cosine), \
 weight decay 0.01, gradient clip 1.0, seed {info['seed']}, {where_run}.
 - Time: {info['seconds']} s. Final training loss (mean of the last 50 steps): {info['final_loss']:.3f} \

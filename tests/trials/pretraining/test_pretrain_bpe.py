@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.trials.test_pretrain import _fake_site
+from tests.trials.pretraining.test_pretrain import _fake_site
 from trials.pretraining import pretrain, pretrain_bpe
 
 
@@ -92,7 +92,7 @@ def test_the_shipped_bpe_checkpoint_is_its_card_s_model_with_its_own_tokenizer()
                  "pretrain.json"):
         assert (path / name).exists(), name
     info = json.loads((path / "pretrain.json").read_text())
-    assert f"python -m trials.pretrain_bpe --corpus-file {info['corpus_file']} --steps {info['steps']}" in (
+    assert f"python -m trials.pretraining.pretrain_bpe --corpus-file {info['corpus_file']} --steps {info['steps']}" in (
         path / "README.md").read_text()
     lm = load_base_model("embedded-small-bpe")
     assert info["parameters"] == sum(p.numel() for p in lm.parameters())

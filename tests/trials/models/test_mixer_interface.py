@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Mamba2Config, MambaConfig, MambaForCausalLM
 
-from tests.trials.test_methods_mamba2 import BUILDERS, build
+from tests.trials.methods.test_methods_mamba2 import BUILDERS, build
 from trials.models.interface import HOOKS, ArchitectureError, ModelDims, architecture_of, mixer_kinds
 from trials.models.loading import use_scan
 

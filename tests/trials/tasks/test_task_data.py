@@ -349,7 +349,7 @@ def test_a_bad_dataset_row_names_the_dataset_split(tmp_path):
 
 
 def test_byte_tokenizer_ends_responses_with_the_embedded_models_eos():
-    config = json.loads((Path(pretrain.__file__).parent / "assets/tiny-mamba/config.json").read_text())
+    config = json.loads((Path(pretrain.__file__).parent.parent / "assets/tiny-mamba/config.json").read_text())
     assert BYTES.eos_id == SEP_ID == config["eos_token_id"]
     assert BYTES.format_prompt("x\n") == "x\n"
 

@@ -18,8 +18,8 @@ from transformers.models.mamba.modeling_mamba import MambaMixer, MambaModel
 
 from space.methods import PromptConfig
 from tests.conftest import SCAN_PATHS
-from tests.trials.test_method_details import _perturbed as perturbed
-from tests.trials.test_methods import CONFIGS, PLAIN, needs_project_mixer, on_transformers_path
+from tests.trials.methods.test_method_details import _perturbed as perturbed
+from tests.trials.methods.test_methods import CONFIGS, PLAIN, needs_project_mixer, on_transformers_path
 from trials.models.loading import quiet_transformers, use_scan
 from trials.models.mamba1_mixer import CACHE_KWARG, CACHE_KWARGS, FastMambaMixer
 

@@ -17,7 +17,7 @@ from trials.pretraining import pretrain
 from trials.tasks.sources.pydoc import PYDOC_TOPICS
 from trials.tasks.sources.stdlib import load_stdlib_modules_task, stdlib_functions
 
-BUILT = Path(__file__).resolve().parents[2] / ".gpu" / "corpus" / "stdlib+packages.xz"
+BUILT = Path(__file__).resolve().parents[3] / ".gpu" / "corpus" / "stdlib+packages.xz"
 
 
 @pytest.fixture(scope="module")
@@ -253,4 +253,4 @@ def test_batches_on_cuda_equal_those_on_cpu_and_a_step_trains():
     cpu = next(pretrain.byte_batches(text, images, 8, 64, seed=1, image_every=4))
     gpu = next(pretrain.byte_batches(text.cuda(), images.cuda(), 8, 64, seed=1, image_every=4))
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu, strict=True))
-    assert pretrain.scan_path("cuda") in ("torch recurrence (trials.scan)", "mamba-ssm fused kernel")
+    assert pretrain.scan_path("cuda") in ("torch recurrence (trials.models.scan)", "mamba-ssm fused kernel")

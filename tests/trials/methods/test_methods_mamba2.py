@@ -28,7 +28,7 @@ from space.methods import (
     ProdialConfig,
     PromptConfig,
 )
-from tests.trials.test_methods import forward, perturb
+from tests.trials.methods.test_methods import forward, perturb
 from trials.methods import (
     REGISTRY,
     MethodError,

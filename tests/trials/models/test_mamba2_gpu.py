@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils import parametrize
 
 import trials.models.mamba2_mixer as mamba2_mixer
-from tests.trials.test_mamba2_mixer import HEAD_DIM, HEADS, STATE, Delta, close, ids, mixers, pair
+from tests.trials.models.test_mamba2_mixer import HEAD_DIM, HEADS, STATE, Delta, close, ids, mixers, pair
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 needs_fused = pytest.mark.skipif(mamba2_mixer._fused_kernel() is None, reason="needs mamba-ssm")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import MambaConfig, MambaForCausalLM
 
-from tests.trials.test_methods import CONFIGS, PLAIN, methods_of, perturb
+from tests.trials.methods.test_methods import CONFIGS, PLAIN, methods_of, perturb
 from trials.methods import apply_methods
 from trials.models.loading import use_scan
 

@@ -17,7 +17,7 @@ from space.methods import (
     PromptConfig,
     ZeroDecayConfig,
 )
-from tests.trials.test_methods import on_transformers_path
+from tests.trials.methods.test_methods import on_transformers_path
 from trials.methods import REGISTRY, MethodError, apply_methods, merge_methods
 from trials.models.loading import use_scan
 from trials.models.mamba1 import dims as mamba1_dims
@@ -255,7 +255,7 @@ def test_affix_tokens_learn_only_the_x_half(tiny_lm, tiny_ids):
 
 
 def reference_mixer(mixer, hidden_states: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """Mamba-1's mixer written out (no mask, no cache) around ``trials.scan``'s sequential reference scan,
+    """Mamba-1's mixer written out (no mask, no cache) around ``trials.models.scan``'s sequential reference scan,
     started from ``h0`` [E, N]."""
     bt, length, _ = hidden_states.shape
     x, z = mixer.in_proj(hidden_states).chunk(2, dim=-1)  # [Bt, L, E] each

@@ -10,7 +10,7 @@ import torch
 
 from space.config import SearchSpace, SpaceError, TaskSpec, TrialConfig
 from space.methods import PromptConfig
-from tests.trials.test_methods import COMBOS, PLAIN, ids, methods_of, perturb
+from tests.trials.methods.test_methods import COMBOS, PLAIN, ids, methods_of, perturb
 from trials.methods import apply_methods
 from trials.models.vocab import ByteTokenizer
 from trials.run import run_trial
