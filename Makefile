@@ -74,7 +74,7 @@ lint: $(STAMP)
 	$(BIN)/mypy search space trials dashboard benchmarks
 
 pretrain: $(STAMP)
-	$(BIN)/python -m trials.pretrain --recipe small   # writes trials/assets/small-mamba (`embedded`)
+	$(BIN)/python -m trials.pretraining.pretrain --recipe small   # writes trials/assets/small-mamba (`embedded`)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.scan

@@ -214,7 +214,7 @@ def first_reached(stats: list[RungStats], threshold: float) -> int | None:
 
 
 def run_task(task: str, n: int, max_steps: int, min_rung: int, seed: int, pooling: str = "search") -> TaskResult:
-    from trials.tasks import load_task
+    from trials.tasks.registry import load_task
 
     rungs = geometric_rungs(min_rung, max_steps)
     space = benchmark_space(task, max_steps, min_rung, pooling)

@@ -4,7 +4,7 @@
 
 Measures training tokens/s (fwd+bwd) side by side in one run for:
 - ``stock``: transformers' MambaForCausalLM, whose training forward calls mamba-ssm's ``mamba_inner_fn``;
-- ``ours``: the project's mixer (``trials.mixer``) on the same kernels, with LoRA on ``in_proj`` and the
+- ``ours``: the project's mixer (``trials.models.mamba1_mixer``) on the same kernels, with LoRA on ``in_proj`` and the
   A_log delta applied, so the kernel receives effective (parametrised) weights;
 and prints ours / stock. The target is a ratio of at least 0.85.
 
@@ -21,7 +21,7 @@ match the CPU path's.
     python -m benchmarks.gpu --matrix [--device cuda] [--archs mamba2 bamba] [--methods lora_in_proj sdt]
                              [--length 64] [--batch 4] [--steps 5] [--out matrix.txt]
 
-The matrix runs every method on every architecture (``trials.models.loading.ARCHITECTURES``; each method where
+The matrix runs every method on every architecture (``trials.models.interface.architectures()``; each method where
 ``supported`` allows it, with its search space's default config and, for SDT, a seeded selection fitted to the
 model) on the tiny fixtures of ``trials.models.fixtures``. For each case it:
 - applies the method to two identically seeded models and moves one to ``--device``, then moves every adapter
@@ -196,7 +196,7 @@ class _Collect(logging.Handler):
 def watched_kernels(fused: bool = True) -> Iterator[KernelWatch]:
     """Count the calls into mamba-ssm's fused kernels (Mamba-1's and Mamba-2's) and collect the Mamba-2 mixer's
     fallback messages; with ``fused=False`` the mixers are handed no kernel, so they take the torch path."""
-    import trials.mixer as mamba1_mixer
+    import trials.models.mamba1_mixer as mamba1_mixer
     import trials.models.mamba2_mixer as mamba2_mixer
 
     watch = KernelWatch()
@@ -254,7 +254,7 @@ def matrix_config(method: str, lm: Any, seed: int) -> Any:
     gen = torch.Generator().manual_seed(seed)
     mixer = ModelDims.from_model(lm).mixer
     layers = len(mixer_kinds(lm))
-    if arch_of(lm).kind == "mamba1":
+    if arch_of(lm).family == "mamba1":
         a_log = [torch.randn(mixer.state_shape, generator=gen) for _ in range(layers)]  # [E, N] each
         selection = select_dimensions(a_log, cfg)
     else:
@@ -345,7 +345,7 @@ def train_step_time(lm: Any, params: list[torch.nn.Parameter], ids: torch.Tensor
 def fallback_reason(lm: Any, watch: KernelWatch) -> str:
     """Why the fused run did not (only) use the fused kernel: the Mamba-2 mixer's own messages, or for Mamba-1
     (whose mixer does not log) the hooks set on it."""
-    from trials.mixer import HOOKS, FastMambaMixer, _cuda_kernels
+    from trials.models.mamba1_mixer import HOOKS, FastMambaMixer, _cuda_kernels
 
     if watch.messages:
         return "; ".join(dict.fromkeys(watch.messages))
@@ -447,7 +447,7 @@ def run_matrix(device: str, archs: list[str] | None = None, methods: list[str] |
                tolerance: float | None = None) -> list[dict[str, Any]]:
     """Run the matrix (every supported method on each of ``archs``, or the named ``methods`` where supported),
     print a row per case and the summary, write the same text to ``out``; returns the rows."""
-    from trials.models.loading import ARCHITECTURES
+    from trials.models.interface import architectures
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --device cpu for the smoke test)")
@@ -456,7 +456,7 @@ def run_matrix(device: str, archs: list[str] | None = None, methods: list[str] |
              f"seed {seed}", HEADER]
     print("\n".join(lines), flush=True)
     rows = []
-    for model_type in archs or list(ARCHITECTURES):
+    for model_type in archs or list(architectures()):
         for method in matrix_methods(model_type):
             if methods is not None and method not in methods:
                 continue
@@ -476,9 +476,9 @@ def main(argv: list[str] | None = None) -> None:
     from space.methods import DeltaConfig, LoraConfig
     from trials.methods import apply_methods
     from trials.methods.registry import REGISTRY
-    from trials.mixer import _cuda_kernels
-    from trials.model import use_scan
-    from trials.models.loading import ARCHITECTURES
+    from trials.models.interface import architectures
+    from trials.models.loading import use_scan
+    from trials.models.mamba1_mixer import _cuda_kernels
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", choices=["mamba1", "mamba2"], default="mamba1")
     p.add_argument("--matrix", action="store_true", help="every method on every architecture (tiny models)")
     p.add_argument("--device", default="cuda", help="--matrix: where the adapted copy runs (cpu: a smoke test)")
-    p.add_argument("--archs", nargs="+", choices=list(ARCHITECTURES), help="--matrix: these architectures only")
+    p.add_argument("--archs", nargs="+", choices=list(architectures()), help="--matrix: these architectures only")
     p.add_argument("--methods", nargs="+", choices=list(REGISTRY), help="--matrix: these methods only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, help="--matrix: max relative error (default by device)")

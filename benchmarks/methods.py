@@ -26,8 +26,7 @@ CONFIGS = ("tiny", "wide")
 def build(config: str) -> Any:
     from transformers import MambaConfig, MambaForCausalLM
 
-    from trials.model import load_base_model, use_scan
-    from trials.run import quiet_transformers
+    from trials.models.loading import load_base_model, quiet_transformers, use_scan
 
     quiet_transformers()
     if config == "tiny":

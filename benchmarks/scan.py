@@ -50,8 +50,7 @@ def build(config: str, scan: str):
     import torch
     from transformers import MambaConfig, MambaForCausalLM
 
-    from trials.model import use_scan
-    from trials.run import quiet_transformers
+    from trials.models.loading import quiet_transformers, use_scan
 
     quiet_transformers()
     torch.manual_seed(0)
@@ -121,8 +120,8 @@ def run_mamba2_case(config: str, length: int, threads: int, reps: int) -> dict:
     import torch
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
+    from trials.models.loading import quiet_transformers
     from trials.models.mamba2_mixer import install_fast_mamba2_mixer
-    from trials.run import quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(threads)

@@ -25,10 +25,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import pandas as pd  # the pyfunc model's input type, which MLflow resolves from this module's globals
+
 from search.results import CONFIG_ARTIFACT, DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, quiet_store_logs
 from space.config import TrialConfig
 from space.secrets import mask
-from trials.train import TASK_FILE
+from trials.trained import TASK_FILE
 
 # search.export's first line: "# exported from MLflow run <id> (<tracking URI, password masked>)"
 EXPORT_HEADER = re.compile(r"^# exported from MLflow run (?P<run>[0-9a-f]+) \((?P<uri>.*)\)\s*$")
@@ -213,8 +215,8 @@ class TrainedModel(PythonModel):  # type: ignore[misc]
 
         self.predictor = load_predictor(Path(context.artifacts["model"]))
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # hints change MLflow's input
-        import pandas as pd
-
+    # A DataFrame hint is one MLflow takes as it is (no schema inferred from it, no conversion): the logged signature
+    # (a ``text`` column) is what validates the input, and MLflow has no "add type hints" warning to print.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         texts = list(model_input["text"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
         return pd.DataFrame(self.predictor.predict([str(t) for t in texts]))

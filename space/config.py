@@ -643,7 +643,7 @@ class TrialConfig(Strict):
     methods: dict[str, SerializeAsAny[MethodConfig]] = Field(default_factory=dict)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     seed: int = 0
-    # A reference trial instead of PEFT (trials/baselines.py): full fine-tuning, the head alone, or the
+    # A reference trial instead of PEFT (trials/run.py): full fine-tuning, the head alone, or the
     # architecture trained from scratch. A baseline has no methods.
     baseline: Literal["full", "head", "scratch"] | None = None
 

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# `embedded` is the tiny checkpoint in the suite, for speed (trials.model.EMBEDDED_ENV); tests of the default
+# `embedded` is the tiny checkpoint in the suite, for speed (trials.models.loading.EMBEDDED_ENV); tests of the default
 # checkpoint name embedded-small or clear the variable. Set here, so subprocesses and Ray workers inherit it.
 os.environ.setdefault("MAMBA_PEFT_EMBEDDED", "embedded-tiny")
 
@@ -31,8 +31,7 @@ def tiny_lm(request):
     execution path."""
     from transformers import MambaConfig, MambaForCausalLM
 
-    from trials.model import use_scan
-    from trials.run import quiet_transformers
+    from trials.models.loading import quiet_transformers, use_scan
 
     quiet_transformers()
     torch.manual_seed(0)

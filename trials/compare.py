@@ -3,7 +3,7 @@
     python -m trials.compare best.yaml [--arms peft full scratch head] [--lrs 1e-3 3e-3] [--seeds 0 1 2]
                                        [--steps N] [--json out.json] [--markdown]
 
-Arms (``trials.baselines``): ``peft``, the config as given; ``full``, full fine-tuning of the pretrained
+Arms (baselines: ``trials.run``): ``peft``, the config as given; ``full``, full fine-tuning of the pretrained
 checkpoint; ``scratch``, the same architecture randomly initialised, everything trainable; ``head``, the frozen
 checkpoint with only the task head trained (for causal_lm and multiple_choice, which have no head, the base model
 evaluated as it is). Every arm sees the same data, budget (the config's ``training.rungs[-1]``, or ``--steps``),
@@ -42,10 +42,9 @@ from typing import Any
 
 from space.config import TrialConfig
 from space.metrics import default_objectives, direction, kind, quality_metric, test_metric
-from trials.baselines import BASELINES, build_baseline
-from trials.data import TaskData
-from trials.run import BuiltTrial, build_trial, run_trial, trial_device
-from trials.tasks import load_task
+from trials.run import BASELINES, BuiltTrial, build_trial, run_trial, trial_device
+from trials.tasks.base import TaskData
+from trials.tasks.registry import load_task
 from trials.train import config_argument
 
 ARMS = ("peft", *BASELINES)
@@ -195,7 +194,7 @@ def run_arm(arm: str, cfg: TrialConfig, data: TaskData, lrs: Sequence[float], se
     device = trial_device()
 
     def build(c: TrialConfig) -> BuiltTrial:
-        return build_trial(c, data, device) if arm == "peft" else build_baseline(c, data, arm, device)
+        return build_trial(c if arm == "peft" else c.model_copy(update={"baseline": arm}), data, device)
 
     def train(c: TrialConfig, built: BuiltTrial) -> Run:
         run = _train(c, built, steps)

@@ -20,28 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from space.config import ModelSpec
-from trials.data import PIXEL_LEVELS, PIXEL_OFFSET, DataError, Tokenizer, encode_choice_split
-from trials.model import LanguageModel, SequenceClassifier
-from trials.tasks import make_tokenizer
-from trials.tasktypes import choice_matrix, greedy_generate
-from trials.train import DIGITS_LENGTH, HEAD_FILE, load_merged, load_trained, read_task
+from trials.models.backbone import OnBackbone
+from trials.models.vocab import PIXEL_LEVELS, PIXEL_OFFSET
+from trials.tasks.base import PredictError
+from trials.tasks.interface import Inputs
+from trials.tasks.registry import task_type
+from trials.tasks.tokenizers import Tokenizer, make_tokenizer
+from trials.trained import HEAD_FILE, load_merged, load_trained, read_task
 
 BATCH = 32
-DEFAULT_NEW_TOKENS = 64
 
-
-class PredictError(ValueError):
-    """An input the saved model cannot take, or a directory that holds no saved model; the message names where."""
+__all__ = ["PredictError", "Predictor", "load_predictor", "main", "read_inputs"]
 
 
 @dataclass
 class Predictor:
     """A saved model with what reading its inputs needs: the task description and the tokenizer."""
 
-    model: SequenceClassifier | LanguageModel
+    model: OnBackbone
     task: dict[str, Any]
     tokenizer: Tokenizer | None  # None: pixel inputs (digits)
 
@@ -51,26 +48,22 @@ class Predictor:
 
     def predict(self, inputs: list[str], where: list[str] | None = None, max_new_tokens: int | None = None
                 ) -> list[dict[str, Any]]:
-        """One result per input: ``label``, ``probability`` and ``probabilities`` (classification), ``generated``
-        (causal_lm), or ``choice``, ``index``, ``probability`` and ``probabilities`` (multiple_choice). ``where`` names
-        each input in errors (``texts.txt:3``)."""
+        """One result per input, as the task type predicts (``trials.tasks.types``): ``label``, ``probability`` and
+        ``probabilities`` (classification), ``generated`` (causal_lm), or ``choice``, ``index``, ``probability`` and
+        ``probabilities`` (multiple_choice). ``where`` names each input in errors (``texts.txt:3``)."""
         where = where or [f"input {i}" for i in range(len(inputs))]
         if not inputs:
             raise PredictError("no inputs")
+        kind = task_type(self.task_type)
+        reader = Inputs(self._encode, self.tokenizer, self.task)
         out: list[dict[str, Any]] = []
         for i in range(0, len(inputs), BATCH):
-            chunk, names = inputs[i : i + BATCH], where[i : i + BATCH]
-            if self.task_type == "classification":
-                out += self._classify(chunk, names)
-            elif self.task_type == "causal_lm":
-                out += self._generate(chunk, names, max_new_tokens)
-            else:
-                out += self._choose(chunk, names)
+            out += kind.predict(self.model, inputs[i : i + BATCH], where[i : i + BATCH], reader, max_new_tokens)
         return out
 
     def _encode(self, text: str, where: str) -> list[int]:
         if self.tokenizer is None:
-            return _pixels(text, where)
+            return _pixels(text, where, int(self.task["max_length"]))
         ids = self.tokenizer.encode(text)
         if not ids:
             raise PredictError(f"{where}: empty after tokenisation")
@@ -79,74 +72,14 @@ class Predictor:
                                f"{self.task['max_length']}")
         return ids
 
-    @torch.no_grad()
-    def _classify(self, texts: list[str], where: list[str]) -> list[dict[str, Any]]:
-        ids, lengths = _pad([self._encode(t, w) for t, w in zip(texts, where, strict=True)])
-        probs = self.model(ids, lengths).float().softmax(-1)  # [B, classes]
-        labels = self.task["labels"] or [str(c) for c in range(probs.shape[1])]
-        return [{"label": labels[int(p.argmax())], "probability": float(p.max()),
-                 "probabilities": dict(zip(labels, p.tolist(), strict=True))} for p in probs]
 
-    def _generate(self, prompts: list[str], where: list[str], max_new_tokens: int | None) -> list[dict[str, Any]]:
-        assert isinstance(self.model, LanguageModel) and self.tokenizer is not None
-        tok = self.tokenizer
-        encoded = [torch.tensor(self._encode(tok.format_prompt(p), w)) for p, w in zip(prompts, where, strict=True)]
-        new = max_new_tokens or self.task["max_new_tokens"] or DEFAULT_NEW_TOKENS
-        generated = greedy_generate(self.model, encoded, new, tok.eos_id)
-        return [{"generated": tok.decode(g)} for g in generated]
-
-    @torch.no_grad()
-    def _choose(self, lines: list[str], where: list[str]) -> list[dict[str, Any]]:
-        assert isinstance(self.model, LanguageModel) and self.tokenizer is not None
-        questions = [_question(line, w) for line, w in zip(lines, where, strict=True)]
-        try:
-            for q, w in zip(questions, where, strict=True):  # one at a time, to name the line training would cut
-                if encode_choice_split([q], self.tokenizer, self.task["max_length"], w)[1]:
-                    raise PredictError(f"{w}: the question and a choice are longer than the task's max_length "
-                                       f"{self.task['max_length']} tokens")
-            split, _ = encode_choice_split(questions, self.tokenizer, self.task["max_length"], where[0])
-        except DataError as exc:
-            raise PredictError(str(exc)) from None
-        assert split.starts is not None and split.groups is not None
-        summed, count = self.model.continuation_logprobs(split.ids, split.lengths, split.starts)
-        scores = summed / count.clamp(min=1) if self.task["choice_scoring"] == "mean" else summed
-        matrix, _ = choice_matrix(scores, split.groups, split.labels)  # [questions, max choices]
-        probs = matrix.softmax(-1)
-        out = []
-        for (_, choices, _), p in zip(questions, probs, strict=True):
-            best = int(p.argmax())
-            out.append({"choice": choices[best], "index": best, "probability": float(p[best]),
-                        "probabilities": p[: len(choices)].tolist()})
-        return out
-
-
-def _pixels(line: str, where: str) -> list[int]:
+def _pixels(line: str, where: str, length: int) -> list[int]:
+    """A line of ``length`` pixel intensities (digits: 64, an 8x8 image row by row)."""
     values = line.replace(",", " ").split()
-    if len(values) != DIGITS_LENGTH or not all(v.isdigit() and int(v) < PIXEL_LEVELS for v in values):
-        raise PredictError(f"{where}: expected {DIGITS_LENGTH} pixel intensities 0..{PIXEL_LEVELS - 1} (an 8x8 image "
+    if len(values) != length or not all(v.isdigit() and int(v) < PIXEL_LEVELS for v in values):
+        raise PredictError(f"{where}: expected {length} pixel intensities 0..{PIXEL_LEVELS - 1} (an 8x8 image "
                            f"row by row), got {len(values)} values: {line[:60]!r}")
     return [PIXEL_OFFSET + int(v) for v in values]
-
-
-def _question(line: str, where: str) -> tuple[str, list[str], int]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PredictError(f'{where}: expected a JSON object {{"question": ..., "choices": [...]}}: {exc}') from None
-    question, choices = (row.get("question"), row.get("choices")) if isinstance(row, dict) else (None, None)
-    if not isinstance(question, str) or not question or not isinstance(choices, list) or len(choices) < 2 \
-            or not all(isinstance(c, str) and c for c in choices):
-        raise PredictError(f'{where}: expected {{"question": text, "choices": [at least 2 texts]}}, got {line[:80]!r}')
-    return question, choices, 0  # the answer is what is asked for; 0 fills the slot
-
-
-def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, L] ids and their [B] lengths."""
-    lengths = torch.tensor([len(r) for r in rows])
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids, lengths
 
 
 def load_predictor(path: Path) -> Predictor:

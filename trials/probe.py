@@ -16,11 +16,11 @@ import torch
 
 from space.config import ModelSpec, TaskSpec, TrialConfig
 from space.methods import MethodSpace
-from trials.data import TaskData
 from trials.methods import ModelDims, config_refusals, supported
-from trials.model import load_base_model
-from trials.run import build_trial, expected_trainable, head_params, make_optimizer, quiet_transformers, trial_device
-from trials.tasks import load_task
+from trials.models.loading import load_base_model, quiet_transformers
+from trials.run import build_trial, expected_trainable, head_params, make_optimizer, trial_device
+from trials.tasks.base import TaskData
+from trials.tasks.registry import load_task
 
 
 class Probe:
@@ -77,7 +77,8 @@ class Probe:
         """Measured seconds of one training step of ``cfg`` (after ``warmup`` steps), for cost estimates; with
         ``threads``, on that many CPU threads, as a Ray trial with that many CPUs runs."""
         from trials.run import forward_precision, optimizer_step
-        from trials.tasktypes import batches, train_loss
+        from trials.tasks.batching import batches
+        from trials.tasks.registry import train_loss
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -1,4 +1,14 @@
-"""One trial, top to bottom: load the data and the base model, apply the PEFT combination, train, evaluate.
+"""One trial, top to bottom: load the task, build the model, apply the PEFT combination, train over the rungs,
+evaluate, return.
+
+A baseline (``cfg.baseline``) is the same trial with another set of trainable parameters and no PEFT method:
+- ``full``: full fine-tuning, the pretrained checkpoint with every parameter trainable;
+- ``head``: the pretrained checkpoint frozen, only the task head trains (a linear probe). ``causal_lm`` and
+  ``multiple_choice`` have no head, so this is the base model as it is: nothing trains, and ``run_trial`` evaluates
+  it untrained;
+- ``scratch``: the checkpoint's architecture randomly initialised with the trial seed, everything trainable.
+The optimiser puts an unfrozen backbone in its "base" group at ``training.learning_rate`` and the head at
+``learning_rate * head_lr_mult``.
 
 No Ray and no MLflow here: progress goes to the ``report`` callable the caller injects (the search hands in
 Ray Tune's reporter; tests hand in a list's ``append``).
@@ -21,12 +31,15 @@ import torch
 from torch import nn
 
 from space.config import TaskSpec, TrialConfig
-from trials.data import Split, TaskData
 from trials.methods import REGISTRY, AppliedMethods, ModelDims, Prepared, apply_methods, count_params
-from trials.model import LanguageModel, SequenceClassifier, load_base_model, task_model
+from trials.models.backbone import OnBackbone
+from trials.models.loading import load_base_model, quiet_transformers, random_base_model
 from trials.report import DEVICE, FINISHED, Report
-from trials.tasks import load_task
-from trials.tasktypes import batches, evaluate_split, train_loss
+from trials.tasks.base import Split, TaskData
+from trials.tasks.batching import batches
+from trials.tasks.registry import evaluate_split, load_task, task_model, train_loss
+
+BASELINES = ("full", "head", "scratch")
 
 
 @dataclass
@@ -63,24 +76,11 @@ class TrialResult:
 
 @dataclass
 class BuiltTrial:
-    model: SequenceClassifier | LanguageModel
+    model: OnBackbone  # the task type's model (``trials.tasks.types``): ``model.lm`` the base model, ``model.head``
     applied: AppliedMethods
     data: TaskData
     trainable_params: int
     total_params: int
-
-
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        from datasets.utils.logging import disable_progress_bar as quiet_datasets
-
-        quiet_datasets()  # "Generating train split" bars would interleave with the search's lines
-    except ImportError:
-        pass
 
 
 def head_params(dims: ModelDims, num_classes: int) -> int:
@@ -111,30 +111,53 @@ def prepare_methods(cfg: TrialConfig, data: TaskData) -> TrialConfig:
 
 
 def build_trial(cfg: TrialConfig, data: TaskData | None = None, device: str | torch.device = "cpu") -> BuiltTrial:
+    """The trial's model on ``device``: the task type's model around the base model, with the PEFT methods applied
+    (or, for a baseline, its own trainable set), its trainable count checked against the closed form."""
     quiet_transformers()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # a scratch baseline's weights, the head's initialisation
     data = data or load_task(cfg.task, cfg.model)
-    if cfg.baseline is not None:  # a reference trial: full fine-tuning, the head alone, or from scratch
-        from trials.baselines import build_baseline  # trials.baselines imports this module
-
-        return build_baseline(cfg, data, cfg.baseline, device)
-    cfg = prepare_methods(cfg, data)
-    lm = load_base_model(cfg.model.checkpoint, cfg.model.scan)
+    if data.type != cfg.task.task_type:
+        raise ValueError(f"task {data.name!r} holds {data.type} data, but the trial is a {cfg.task.task_type} task")
+    baseline = cfg.baseline
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+    if baseline is None:
+        cfg = prepare_methods(cfg, data)
+    if baseline == "scratch":
+        lm = random_base_model(cfg.model.checkpoint, cfg.model.scan)
+    else:
+        lm = load_base_model(cfg.model.checkpoint, cfg.model.scan)
     if data.max_token_id() >= lm.config.vocab_size:
         raise ValueError(f"task {data.name!r} uses token id {data.max_token_id()} but model.checkpoint "
                          f"{cfg.model.checkpoint!r} has vocab_size {lm.config.vocab_size}")
-    if data.type != cfg.task.task_type:
-        raise ValueError(f"task {data.name!r} holds {data.type} data, but the trial is a {cfg.task.task_type} task")
     model = task_model(lm, data.type, data.num_classes, cfg.model.pooling)
-    dims = ModelDims.from_model(lm)  # the base model's sizes (additional-scan enlarges the state)
-    applied = apply_methods(lm, cfg.methods)  # freezes lm, then adds the methods' tensors
+    if baseline is None:
+        dims = ModelDims.from_model(lm)  # the base model's sizes (additional-scan enlarges the state)
+        applied = apply_methods(lm, cfg.methods)  # freezes lm, then adds the methods' tensors
+        expected = expected_trainable(cfg, dims, data.num_classes)
+    else:  # the config's methods are ignored
+        for p in lm.parameters():
+            p.requires_grad_(baseline != "head")
+        applied = AppliedMethods(configs={})
+        head = count_unique(model.head) if model.head is not None else 0
+        expected = head if baseline == "head" else count_unique(model)
     model.to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    expected = expected_trainable(cfg, dims, data.num_classes)
+    trainable = count_unique(model, trainable_only=True)
     if trainable != expected:
-        raise RuntimeError(f"measured trainable parameters {trainable} != closed form {expected}")
-    total = sum(p.numel() for p in model.parameters())
-    return BuiltTrial(model, applied, data, trainable, total)
+        what = f"baseline {baseline}" if baseline else "methods and head"
+        raise RuntimeError(f"{what}: measured trainable parameters {trainable} != closed form {expected}")
+    return BuiltTrial(model, applied, data, trainable, count_unique(model))
+
+
+def count_unique(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of ``module``, each tensor once: a tied ``lm_head``/embedding is one tensor, not two."""
+    # Module.parameters() already yields a shared tensor once; dedupe on identity anyway, since the comparison
+    # publishes the count.
+    seen: dict[int, nn.Parameter] = {}
+    for p in module.parameters():
+        if not trainable_only or p.requires_grad:
+            seen.setdefault(id(p), p)
+    return sum(p.numel() for p in seen.values())
 
 
 def make_optimizer(built: BuiltTrial, cfg: TrialConfig) -> torch.optim.Optimizer | None:
@@ -208,7 +231,7 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
 
 def evaluate(model: nn.Module, split: Split, batch_size: int = 128, device: str | torch.device = "cpu",
              precision: str = "fp32") -> float:
-    """Accuracy of a classifier on ``split`` (``trials.tasktypes.evaluate_split`` measures every task type)."""
+    """Accuracy of a classifier on ``split`` (``trials.tasks.registry.evaluate_split`` measures every task type)."""
     task = TaskSpec()  # classification
     data = TaskData("split", 0, split, split, split)
     return evaluate_split(model, split, data, task, eos_id=None, device=device,

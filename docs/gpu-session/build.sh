@@ -3,7 +3,7 @@
 #   bash docs/gpu-session/build.sh [312]     # the GPU machine's Python (3.12); 311 builds a copy for a local check
 # It downloads cp$V wheels of pkgs.txt and ray 2.60.0 (the versions of requirements.lock), installs them with
 # --target into one tree (mlflow's web UI removed) and strips Ray (strip_ray.sh), each packed as tar.xz; copies the
-# scripts beside them; and builds the pretraining corpus (trials.pretrain --build-corpus). About 50 MB in all.
+# scripts beside them; and builds the pretraining corpus (trials.pretraining.pretrain --build-corpus). About 50 MB in all.
 set -euo pipefail
 V=${1:-312}
 REPO=$(pwd)
@@ -26,5 +26,5 @@ bash "$HERE/strip_ray.sh" "ray$V"
 cp "$HERE"/{install.sh,run.sh,pretrain.sh,pick_scan.py,check_stack.py} "$OUTDIR/"
 cd "$REPO"
 [ -f .gpu/corpus/stdlib+packages.xz ] || \
-  .venv/bin/python -m trials.pretrain --build-corpus stdlib+packages --corpus-out .gpu/corpus/stdlib+packages.xz
+  .venv/bin/python -m trials.pretraining.pretrain --build-corpus stdlib+packages --corpus-out .gpu/corpus/stdlib+packages.xz
 du -sh "$OUTDIR"; ls -la "$OUTDIR"

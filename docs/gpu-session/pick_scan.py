@@ -5,8 +5,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from trials.model import use_scan
-from trials.pretrain import RECIPES, build_config
+from trials.models.loading import use_scan
+from trials.pretraining.pretrain import build_config, RECIPES
 
 r = RECIPES["small-packages"]
 best = None

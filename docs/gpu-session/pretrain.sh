@@ -11,6 +11,6 @@ python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', 
 SCAN=$(python3 .gpu/pick_scan.py 2>> "$OUT/pretrain.log" | tail -1) || true
 case "$SCAN" in torch|mambapy) ;; *) SCAN=auto ;; esac
 echo "scan: $SCAN" | tee -a "$OUT/pretrain.log"
-python3 -u -m trials.pretrain --recipe small-packages --device cuda --max-seconds 250 --scan "$SCAN" \
+python3 -u -m trials.pretraining.pretrain --recipe small-packages --device cuda --max-seconds 250 --scan "$SCAN" \
     --corpus-file .gpu/corpus/stdlib+packages.xz --out "$OUT/small-packages" 2>&1 | tee -a "$OUT/pretrain.log"
 ls -la "$OUT/small-packages" | tee -a "$OUT/pretrain.log"

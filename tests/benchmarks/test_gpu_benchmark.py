@@ -72,7 +72,7 @@ def test_gradient_error_is_relative_to_each_tensor_floored_by_the_largest():
 
 
 def test_watched_kernels_counts_fused_calls_withholds_them_for_the_torch_path_and_collects_fallbacks(monkeypatch):
-    import trials.mixer as mamba1_mixer
+    import trials.models.mamba1_mixer as mamba1_mixer
     import trials.models.mamba2_mixer as mamba2_mixer
 
     monkeypatch.setattr(mamba2_mixer, "_fused_kernel", lambda: lambda x: x + 1)
@@ -105,7 +105,7 @@ def test_on_cuda_every_architecture_matches_the_cpu_path_and_lora_runs_the_fused
 
 
 def test_path_names_the_fused_kernel_a_fallback_and_its_reason(monkeypatch):
-    import trials.mixer as mamba1_mixer
+    import trials.models.mamba1_mixer as mamba1_mixer
     from trials.models.fixtures import tiny_model
     from trials.models.loading import use_scan
 

@@ -10,10 +10,10 @@ from search import results
 from search.export import main as export_main
 from search.run import main as search_main
 from tests.search.test_end_to_end import check_search_and_export
-from trials.model import load_base_model
 from trials.models.fixtures import write_fixture
-from trials.train import load_trained
+from trials.models.loading import load_base_model
 from trials.train import main as train_main
+from trials.trained import load_trained
 
 SPACES = {
     # Weight deltas on in_proj's blocks and the per-head tensors, and a hook method (initial state) the project's

@@ -16,8 +16,8 @@ from search.export import main as export_main
 from search.pruners import RUNG_ATTR
 from search.run import main as search_main
 from space.metrics import TRIAL_STATES
-from trials.train import load_trained
 from trials.train import main as train_main
+from trials.trained import load_trained
 
 SPACE = """
 name: e2e

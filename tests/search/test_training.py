@@ -121,3 +121,17 @@ def test_a_config_that_was_not_exported_is_logged_without_links(tmp_path):
     best.write_text(small_trial_yaml())
     run = TrainingRun.for_config(best, f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.links == {} and run.run_name == "train-mine"
+
+
+def test_the_pyfunc_model_is_defined_without_mlflows_type_hint_warning():
+    """``trials.train --register`` prints the project's own lines, not MLflow's "Add type hints" UserWarning (raised
+    when the pyfunc class is defined, so a fresh interpreter imports it)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-W", "always", "-c", "import search.training"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "type hint" not in done.stderr.lower(), done.stderr

@@ -1,4 +1,4 @@
-"""trials.compare and trials.baselines: each arm's learning rate is chosen on validation alone, every baseline trains
+"""trials.compare and trials.run: each arm's learning rate is chosen on validation alone, every baseline trains
 the parameters it claims, and a comparison runs end to end for a classification and a causal_lm task."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from space.config import TrialConfig
-from trials.baselines import BASELINES, build_baseline
 from trials.compare import DEFAULT_ARMS, Cell, Run, choose_lr, compare, main, markdown, table
-from trials.model import load_base_model
-from trials.tasks import load_task
+from trials.models.loading import load_base_model
+from trials.run import BASELINES, build_trial
+from trials.tasks.registry import load_task
 
 EMBEDDED_LM_PARAMS = 149_312  # the embedded checkpoint, its tied lm_head/embedding (288 x 64) counted once
 DIGITS_HEAD = 64 * 10 + 10
@@ -80,7 +80,7 @@ def digits(digits_cfg):
 
 
 def test_full_fine_tuning_trains_every_parameter_of_the_pretrained_checkpoint(digits_cfg, digits):
-    built = build_baseline(digits_cfg, digits, "full")
+    built = build_trial(digits_cfg.model_copy(update={"baseline": "full"}), digits)
     assert all(p.requires_grad for p in built.model.parameters())
     assert built.trainable_params == built.total_params == EMBEDDED_LM_PARAMS + DIGITS_HEAD
     lm = built.model.lm
@@ -90,14 +90,14 @@ def test_full_fine_tuning_trains_every_parameter_of_the_pretrained_checkpoint(di
 
 
 def test_head_baseline_trains_only_the_head(digits_cfg, digits):
-    built = build_baseline(digits_cfg, digits, "head")
+    built = build_trial(digits_cfg.model_copy(update={"baseline": "head"}), digits)
     trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
     assert trainable == {"head.weight", "head.bias"}
     assert built.trainable_params == DIGITS_HEAD and built.total_params == EMBEDDED_LM_PARAMS + DIGITS_HEAD
 
 
 def test_scratch_baseline_is_the_architecture_with_fresh_weights_all_trainable(digits_cfg, digits):
-    built = build_baseline(digits_cfg, digits, "scratch")
+    built = build_trial(digits_cfg.model_copy(update={"baseline": "scratch"}), digits)
     assert all(p.requires_grad for p in built.model.parameters())
     assert built.trainable_params == built.total_params == EMBEDDED_LM_PARAMS + DIGITS_HEAD
     pretrained = load_base_model("embedded").state_dict()
@@ -107,7 +107,7 @@ def test_scratch_baseline_is_the_architecture_with_fresh_weights_all_trainable(d
 
 def test_unknown_baseline_is_an_error_naming_the_choices(digits_cfg, digits):
     with pytest.raises(ValueError, match="baseline 'lora' is not one of full, head, scratch"):
-        build_baseline(digits_cfg, digits, "lora")
+        build_trial(digits_cfg.model_copy(update={"baseline": "lora"}), digits)
     assert BASELINES == ("full", "head", "scratch")
 
 
@@ -179,7 +179,7 @@ def test_a_baseline_config_has_no_peft_arm(tmp_path, capsys):
 
 def test_scratch_weights_are_fixed_by_the_trial_seed_alone(digits_cfg, digits):
     torch.manual_seed(123)
-    a = build_baseline(digits_cfg, digits, "scratch")
+    a = build_trial(digits_cfg.model_copy(update={"baseline": "scratch"}), digits)
     torch.manual_seed(456)
-    b = build_baseline(digits_cfg, digits, "scratch")
+    b = build_trial(digits_cfg.model_copy(update={"baseline": "scratch"}), digits)
     assert all(p.equal(q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True))

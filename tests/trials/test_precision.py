@@ -10,9 +10,9 @@ import torch
 
 from space.config import TrialConfig
 from tests.conftest import small_trial_yaml
-from trials import scan as scan_mod
+from trials.models import scan as scan_mod
+from trials.models.scan import causal_conv, selective_scan_tokens
 from trials.run import build_trial, run_trial
-from trials.scan import causal_conv, selective_scan_tokens
 
 FAST = ("compiled", "torch")
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}

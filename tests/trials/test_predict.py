@@ -12,9 +12,9 @@ import torch
 
 from space.config import TrialConfig
 from tests.conftest import REPO, small_trial_yaml
-from trials.data import digits_split_indices
 from trials.predict import PredictError, load_predictor, main
-from trials.train import train
+from trials.tasks.sources.digits import digits_split_indices
+from trials.trained import train
 
 
 def quiet(*_):

@@ -6,8 +6,8 @@ import pytest
 
 from space.config import TrialConfig
 from tests.conftest import small_trial_yaml
-from trials.model import EMBEDDED_CHECKPOINTS, EMBEDDED_ENV, load_base_model, resolve_checkpoint
-from trials.pretrain import RECIPES
+from trials.models.loading import EMBEDDED_CHECKPOINTS, EMBEDDED_ENV, load_base_model, resolve_checkpoint
+from trials.pretraining.pretrain import RECIPES
 from trials.run import FINISHED, run_trial
 
 

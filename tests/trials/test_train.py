@@ -7,8 +7,8 @@ import torch
 from space.config import TrialConfig
 from tests.conftest import small_trial_yaml
 from trials.run import evaluate
-from trials.tasks import load_task
-from trials.train import load_trained, train
+from trials.tasks.registry import load_task
+from trials.trained import load_trained, train
 
 
 def outputs(model, ids, lengths):

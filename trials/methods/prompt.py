@@ -28,8 +28,8 @@ from torch import nn
 
 from space.methods import PromptConfig
 from trials.methods.base import mixers
-from trials.mixer import CACHE_KWARGS
 from trials.models.interface import Architecture, ModelDims, architecture
+from trials.models.mamba1_mixer import CACHE_KWARGS
 
 ATTRIBUTE = "prompt_tuning"  # the backbone attribute holding the prompt module (merge refuses it)
 

@@ -25,23 +25,22 @@ APPLY_ORDER = tuple(REGISTRY)
 def supported(method: str, model_type: str) -> str | None:
     """None when ``method`` applies to models of ``model_type``, else the reason it does not (an unknown method or
     architecture is a reason too). Known without a model, so a space is checked before any trial starts."""
-    from trials.models.interface import ARCHITECTURES, architecture_of
+    from trials.models.interface import architecture_of, architectures
 
     if method not in REGISTRY:
         return f"unknown method {method!r}; implemented: {', '.join(REGISTRY)}"
     try:
         arch = architecture_of(model_type)
     except ValueError:
-        return f"model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        return f"model_type {model_type!r} is not supported; supported: {', '.join(architectures())}"
     return REGISTRY[method].refusal(arch)
 
 
 def support_table() -> dict[str, dict[str, str | None]]:
     """``{method: {model_type: None or the reason}}`` for every method and supported architecture."""
-    from trials.models.interface import ARCHITECTURES, architecture_of
+    from trials.models.interface import architectures
 
-    architecture_of("mamba")  # loads every architecture
-    return {m: {a: supported(m, a) for a in ARCHITECTURES} for m in REGISTRY}
+    return {m: {a: supported(m, a) for a in architectures()} for m in REGISTRY}
 
 
 def support_markdown() -> str:

@@ -25,7 +25,7 @@ On Mamba-2 (the project's Mamba-2 mixer, ``trials.models.mamba2_mixer``) the sam
 (``MixerSpec``): affix tokens enter x | B | C before the convolution ([n, I + 2GN], so E above reads I + 2GN),
 the initial state and the state offset are [H, P, N], the conv state [K-1, I + 2GN].
 
-The first three are implemented by the project's mixer (``trials.mixer``); on transformers' own paths
+The first three are implemented by the project's mixer (``trials.models.mamba1_mixer``); on transformers' own paths
 (``model.scan: mambapy`` or ``hf_loop``) they are refused when applied.
 """
 
@@ -51,7 +51,7 @@ def project_mixers(lm: nn.Module, method: str, hook: Hook) -> list[Mixer]:
     for m in found:
         if not m.honours(hook):
             raise MethodError(f"{method} needs the project's mixer, but {m.path} runs {m.runtime}: use model.scan "
-                              "auto, compiled or torch (trials.model.use_scan), not mambapy or hf_loop")
+                              "auto, compiled or torch (trials.models.loading.use_scan), not mambapy or hf_loop")
     return found
 
 

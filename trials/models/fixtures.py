@@ -4,7 +4,7 @@ The sizes follow ../shared/reference/mamba2-hybrids.md: hidden 32, Mamba-2 mixer
 one B/C group and state 16, SSD chunks of 8 tokens, attention at layers 1 and 3 of 4. Granite's and FalconH1's
 embedding and logit multipliers are set away from 1, as their released models have them, so that code which
 forgets them gives other logits. The vocabulary is the
-embedded one (``trials.data``: 0 pad, 1 cls, 2 sep), so every task of the project runs on them.
+embedded one (``trials.models.vocab``: 0 pad, 1 cls, 2 sep), so every task of the project runs on them.
 
     python -m trials.models.loading --write-fixture bamba /tmp/tiny-bamba
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trials.data import EMBEDDED_VOCAB_SIZE, PAD_ID
+from trials.models.vocab import EMBEDDED_VOCAB_SIZE, PAD_ID
 
 _TOKENS: dict[str, Any] = {"vocab_size": EMBEDDED_VOCAB_SIZE, "pad_token_id": PAD_ID, "bos_token_id": 1,
                            "eos_token_id": 2}

@@ -29,6 +29,10 @@ class ArchitectureError(ValueError):
     """A model or module this package does not support; the message names what was found and what is."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint the project cannot fine-tune as it is: another architecture, or weights that do not fit."""
+
+
 @dataclass(frozen=True)
 class Block:
     """Output rows [start, stop) of a projection that one part of the mixer reads (Mamba-2's ``B`` block)."""
@@ -225,14 +229,27 @@ class MixerKind(Protocol):
     def bind(self, module: nn.Module, path: str) -> Mixer: ...
 
 
+Family = Literal["mamba1", "mamba2", "hybrid"]
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """A supported model type: its SSM mixer kind and what else it has for methods to adapt."""
+    """A supported model type (the config's ``model_type``): how it loads, where its SSM mixers are, their kind, and
+    what else it has for methods to adapt. The one table of architectures: each kind module registers its own.
+
+    ``mixers`` is where the SSM mixers live, ``{i}`` standing for the layer index; in a hybrid only some layers have
+    one, and ``mixer_class`` tells them from attention layers that share the path (NemotronH's ``mixer``).
+    ``logits_multiplier`` / ``logits_divisor`` name the config scale the causal LM applies after ``lm_head``.
+    """
 
     model_type: str
     kind: str  # the mixer kind of its SSM layers
     dims: Callable[[nn.Module], ModelDims]
     dims_from_config: Callable[[object], ModelDims]
+    model_class: str  # the transformers class it loads as (through AutoModelForCausalLM)
+    family: Family  # mamba1, mamba2, or a hybrid of Mamba-2 mixers with attention and MLP layers
+    mixers: str
+    mixer_class: str
     attention: bool = False  # attention layers (q/k/v/o projections)
     mlp: bool = False  # dense MLP projections (gate/up/down)
     moe: bool = False  # MoE experts stored as one fused tensor
@@ -241,9 +258,18 @@ class Architecture:
     lacks: tuple[str, ...] = ()
     project_mixer: bool = True  # the project's mixer for its kind can run it (the hooks need it)
     # The config attribute of a multiplier the model applies to the embeddings of input_ids but not to inputs_embeds
-    # it is given (Falcon-H1): code that embeds tokens itself must apply it.
+    # it is given (Falcon-H1's muP scaling): code that embeds tokens itself must apply it.
     ids_embedding_multiplier: str | None = None
+    logits_multiplier: str | None = None
+    logits_divisor: str | None = None
     description: str = ""
+
+    def input_scale(self, config: object) -> float:
+        return float(getattr(config, self.ids_embedding_multiplier)) if self.ids_embedding_multiplier else 1.0
+
+    def output_scale(self, config: object) -> float:
+        scale = float(getattr(config, self.logits_multiplier)) if self.logits_multiplier else 1.0
+        return scale / float(getattr(config, self.logits_divisor)) if self.logits_divisor else scale
 
 
 KINDS: dict[str, MixerKind] = {}
@@ -267,6 +293,12 @@ def _load_kinds() -> None:
     """Import every kind module once (each registers itself): a new architecture is one new file listed here."""
     for name in KIND_MODULES:  # in the order the support table lists them
         importlib.import_module(f"trials.models.{name}")
+
+
+def architectures() -> dict[str, Architecture]:
+    """Every supported architecture by ``model_type``, in the order the support table lists them."""
+    _load_kinds()
+    return ARCHITECTURES
 
 
 def architecture_of(model_type: str) -> Architecture:
@@ -304,6 +336,7 @@ def model_norms(lm: nn.Module) -> list[str]:
             if type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), nn.Parameter)]
 
 
-__all__ = ["ARCHITECTURES", "HOOKS", "Architecture", "ArchitectureError", "Block", "Hook", "Mixer", "MixerKind",
-           "MixerSpec", "ModelDims", "Projection", "SideTarget", "TensorSpec", "architecture", "architecture_of",
-           "iter_mixers", "mixer_kinds", "model_norms", "register_architecture", "register_kind"]
+__all__ = ["ARCHITECTURES", "HOOKS", "Architecture", "ArchitectureError", "Block", "CheckpointError", "Hook", "Mixer",
+           "MixerKind", "MixerSpec", "ModelDims", "Projection", "SideTarget", "TensorSpec", "architecture",
+           "architecture_of", "architectures", "iter_mixers", "mixer_kinds", "model_norms", "register_architecture",
+           "register_kind"]

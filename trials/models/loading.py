@@ -1,8 +1,9 @@
-"""Loading a base model: architecture detection from the config's ``model_type``, strict weight checks, and the
-table of what the project fine-tunes.
+"""Loading a base model: architecture detection from the config's ``model_type``, strict weight checks, the embedded
+checkpoints, and the scan a model runs.
 
-Every supported checkpoint loads through ``AutoModelForCausalLM``; the table says which transformers class that
-is, what kind of model it is (``mamba1``, ``mamba2``, or a ``hybrid`` of Mamba-2 mixers with attention and MLP
+Every supported checkpoint loads through ``AutoModelForCausalLM``; the one table of architectures
+(``trials.models.interface.architectures``, each kind module registering its own) says which transformers class that
+is, what family of model it is (``mamba1``, ``mamba2``, or a ``hybrid`` of Mamba-2 mixers with attention and MLP
 layers), and where its SSM mixers live. Directories in mamba-ssm's own layout (``config.json`` with ``d_model``,
 ``n_layer``, ``ssm_cfg``) are converted on load by ``trials.models.mamba_ssm_format``.
 
@@ -17,76 +18,24 @@ import argparse
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
-Kind = Literal["mamba1", "mamba2", "hybrid"]
+from trials.models.interface import Architecture, CheckpointError, architectures
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The pretrained checkpoints shipped with the package, by the name ``model.checkpoint`` takes
-# (``trials.pretrain.RECIPES`` makes them).
+# (``trials.pretraining.pretrain.RECIPES`` makes them).
 EMBEDDED_CHECKPOINTS = {"embedded-small": ASSETS / "small-mamba", "embedded-tiny": ASSETS / "tiny-mamba",
                         "embedded-mamba2": ASSETS / "tiny-mamba2",
-                        # The small architecture over a BPE vocabulary (trials.pretrain_bpe), for text tasks.
+                        # The small architecture over a BPE vocabulary (trials.pretraining.pretrain_bpe), for text.
                         "embedded-small-bpe": ASSETS / "small-mamba-bpe"}
 # What ``embedded`` means. The environment variable names another embedded checkpoint instead (the test suite
 # sets embedded-tiny, for speed); it is read on every call, so Ray workers started from that environment agree.
 EMBEDDED_DEFAULT = "embedded-small"
 EMBEDDED_ENV = "MAMBA_PEFT_EMBEDDED"
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """One supported ``model_type``.
-
-    ``mixers`` is where the SSM mixers live, ``{i}`` standing for the layer index; in a hybrid only some layers
-    have one, and ``mixer_class`` tells them from attention layers that share the path (NemotronH's ``mixer``).
-    ``embeds_scaled_by`` names a config multiplier the base model applies to embeddings it looks up itself but
-    not to ``inputs_embeds`` (FalconH1's muP scaling), so a caller handing in embeddings applies it.
-    ``logits_multiplier`` / ``logits_divisor`` name the config scale the causal LM applies after ``lm_head``.
-    """
-
-    model_type: str
-    model_class: str
-    kind: Kind
-    mixers: str
-    mixer_class: str
-    embeds_scaled_by: str | None = None
-    logits_multiplier: str | None = None
-    logits_divisor: str | None = None
-
-    def input_scale(self, config: Any) -> float:
-        return float(getattr(config, self.embeds_scaled_by)) if self.embeds_scaled_by else 1.0
-
-    def output_scale(self, config: Any) -> float:
-        scale = float(getattr(config, self.logits_multiplier)) if self.logits_multiplier else 1.0
-        return scale / float(getattr(config, self.logits_divisor)) if self.logits_divisor else scale
-
-
-# The architectures a trial can fine-tune, by the config's ``model_type``. Each was checked on CPU with a tiny
-# random config (transformers 5.24): it builds, runs forward and backward, and save_pretrained/from_pretrained
-# gives back the same logits. Zamba2 (mixers at two depths, shared attention blocks with adapters of their own) and
-# Jamba (Mamba-1 mixers inside a MoE hybrid) also pass those checks but are left out until the method library
-# maps them.
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("mamba", "MambaForCausalLM", "mamba1", "backbone.layers.{i}.mixer", "MambaMixer"),
-    Architecture("mamba2", "Mamba2ForCausalLM", "mamba2", "backbone.layers.{i}.mixer", "Mamba2Mixer"),
-    Architecture("bamba", "BambaForCausalLM", "hybrid", "model.layers.{i}.mamba", "BambaMixer"),
-    Architecture("granitemoehybrid", "GraniteMoeHybridForCausalLM", "hybrid", "model.layers.{i}.mamba",
-                 "GraniteMoeHybridMambaLayer", logits_divisor="logits_scaling"),
-    Architecture("falcon_h1", "FalconH1ForCausalLM", "hybrid", "model.layers.{i}.mamba", "FalconH1Mixer",
-                 embeds_scaled_by="embedding_multiplier", logits_multiplier="lm_head_multiplier"),
-    Architecture("nemotron_h", "NemotronHForCausalLM", "hybrid", "model.layers.{i}.mixer", "NemotronHMamba2Mixer"),
-)}
-# The same, as the transformers class each loads as (kept for callers of the Mamba-1-only table).
-SUPPORTED_ARCHITECTURES = {t: a.model_class for t, a in ARCHITECTURES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint the project cannot fine-tune as it is: another architecture, or weights that do not fit."""
 
 
 def embedded_name(name: str = "embedded") -> str:
@@ -127,9 +76,9 @@ def architecture(config: Any, checkpoint: str = "the checkpoint") -> str:
     """The config's ``model_type`` once it is known to be supported; otherwise a ``CheckpointError`` naming the
     model_type and architectures found and the ones supported."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
+    if model_type not in architectures():
         found = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
-        supported = ", ".join(f"{a.model_class} (model_type {t!r})" for t, a in ARCHITECTURES.items())
+        supported = ", ".join(f"{a.model_class} (model_type {t!r})" for t, a in architectures().items())
         raise CheckpointError(f"model.checkpoint: {checkpoint!r} is a {model_type!r} model ({found}); supported: "
                               f"{supported}")
     return str(model_type)
@@ -142,7 +91,7 @@ def check_architecture(config: Any, checkpoint: str) -> None:
 
 def arch_of(lm: Any) -> Architecture:
     """The table row of a loaded model."""
-    return ARCHITECTURES[architecture(lm.config)]
+    return architectures()[architecture(lm.config)]
 
 
 def ssm_mixers(lm: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -191,7 +140,7 @@ def load_base_model(checkpoint: str, scan: str = "auto") -> Any:
     try:
         if mamba_ssm_format.is_mamba_ssm(path):
             config, state_dict = mamba_ssm_format.convert(path)
-            cls = getattr(transformers, ARCHITECTURES[architecture(config, checkpoint)].model_class)
+            cls = getattr(transformers, architectures()[architecture(config, checkpoint)].model_class)
             # Mismatched shapes are reported in `info` (and refused below) rather than raised without their names.
             model, info = cls.from_pretrained(None, config=config, state_dict=state_dict, output_loading_info=True,
                                               ignore_mismatched_sizes=True)
@@ -206,24 +155,53 @@ def load_base_model(checkpoint: str, scan: str = "auto") -> Any:
     return use_scan(model, scan)
 
 
+def random_base_model(checkpoint: str, scan: str = "auto") -> Any:
+    """The checkpoint's architecture (its config only, no weights) with transformers' initialisation, from the
+    global RNG (a ``scratch`` baseline)."""
+    import transformers
+    from transformers import AutoConfig
+
+    path = resolve_checkpoint(checkpoint)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise FileNotFoundError(f"model.checkpoint: cannot load {checkpoint!r} ({path}): {exc}") from exc
+    cls = getattr(transformers, architectures()[architecture(config, checkpoint)].model_class)
+    return use_scan(cls(config), scan)
+
+
+def quiet_transformers() -> None:
+    """transformers' and datasets' progress bars and warnings off: they would interleave with a search's lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar as quiet_datasets
+
+        quiet_datasets()  # "Generating train split" bars would interleave with the search's lines
+    except ImportError:
+        pass
+
+
 SCANS = ("auto", "compiled", "torch", "mambapy", "hf_loop")
 
 
 def use_scan(lm: Any, scan: str) -> Any:
     """Choose the mixer forward. On Mamba-1, ``auto``, ``compiled`` and ``torch`` install the project's mixer
-    (``trials.mixer``); ``mambapy`` and ``hf_loop`` keep transformers' own paths (``use_mambapy=True`` / the default
-    loop). On Mamba-2 and the hybrids whose mixer ``trials.models.mamba2_mixer`` covers, the first three install the
-    project's Mamba-2 mixer with that convolution; ``mambapy`` and ``hf_loop`` (and a mixer it does not cover, such as
-    FalconH1's) keep transformers' chunked-SSD path.
+    (``trials.models.mamba1_mixer``); ``mambapy`` and ``hf_loop`` keep transformers' own paths (``use_mambapy=True``
+    / the default loop). On Mamba-2 and the hybrids whose mixer ``trials.models.mamba2_mixer`` covers, the first three
+    install the project's Mamba-2 mixer with that convolution; ``mambapy`` and ``hf_loop`` (and a mixer it does not
+    cover, such as FalconH1's) keep transformers' chunked-SSD path.
     """
     if scan not in SCANS:
         raise ValueError(f"model.scan: {scan!r} is not one of {', '.join(SCANS)}")
     arch = arch_of(lm)
     fast = scan in ("auto", "compiled", "torch")
-    if arch.kind == "mamba1":
+    if arch.family == "mamba1":
         from transformers.models.mamba.modeling_mamba import MambaMixer
 
-        from trials.mixer import install_fast_mixer
+        from trials.models.mamba1_mixer import install_fast_mixer
 
         if fast:
             install_fast_mixer(lm, scan)  # type: ignore[arg-type]

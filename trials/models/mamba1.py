@@ -63,7 +63,7 @@ class Mamba1Kind:
         return isinstance(module, MambaMixer)
 
     def bind(self, module: nn.Module, path: str) -> Mixer:
-        from trials.mixer import FastMambaMixer
+        from trials.models.mamba1_mixer import FastMambaMixer
 
         # The state size of the pretrained A_log: additional-scan enlarges the effective one, not the stored one.
         m: Any = module
@@ -95,4 +95,5 @@ def _dims_from_config(config: Any) -> ModelDims:
 
 ARCHITECTURE = register_architecture(Architecture(
     model_type="mamba", kind="mamba1", dims=_dims, dims_from_config=_dims_from_config,
+    model_class="MambaForCausalLM", family="mamba1", mixers="backbone.layers.{i}.mixer", mixer_class="MambaMixer",
     description="MambaForCausalLM (Mamba-1)"))

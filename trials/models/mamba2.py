@@ -126,4 +126,5 @@ def _dims_from_config(config: Any) -> ModelDims:
 
 ARCHITECTURE = register_architecture(Architecture(
     model_type="mamba2", kind="mamba2", dims=lambda lm: dims_of(lm, "mamba2"), dims_from_config=_dims_from_config,
+    model_class="Mamba2ForCausalLM", family="mamba2", mixers="backbone.layers.{i}.mixer", mixer_class="Mamba2Mixer",
     description="Mamba2ForCausalLM (Mamba-2)"))

@@ -45,8 +45,8 @@ from transformers.models.granitemoehybrid.modeling_granitemoehybrid import Grani
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
+from trials.models.scan import Impl, causal_conv
 from trials.models.ssd import discretize_dt, reference_scan, ssd_scan
-from trials.scan import Impl, causal_conv
 
 log = logging.getLogger(__name__)
 

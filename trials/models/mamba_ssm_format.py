@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from trials.models.loading import CheckpointError
+from trials.models.interface import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -17,9 +17,9 @@ exp(a_l - a_s) is factored as exp(a_l - m) exp(m - a_s) (m the chunk's mid log-d
 outputs of the matmul instead of building a [Bt, T, H, Q, Q] decay tensor. The factored form is exact in real
 arithmetic; in fp32 it is safe while a chunk's total log-decay stays within ``FACTORED_SPAN`` (each factor then
 stays within exp(+-FACTORED_SPAN / 2)); beyond that the scan builds the masked decay tensor instead
-(``factored=False``, about 1.5x slower). A sequential scan, the project's compiled Mamba-1 kernel (trials.scan) over
-H*P channels, was measured too: it only fits one group (it shares B and C across channels) and was slower than this
-at L = 256 on the tiny model.
+(``factored=False``, about 1.5x slower). A sequential scan, the project's compiled Mamba-1 kernel
+(trials.models.scan) over H*P channels, was measured too: it only fits one group (it shares B and C across channels) and
+was slower than this at L = 256 on the tiny model.
 """
 
 from __future__ import annotations

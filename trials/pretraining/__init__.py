@@ -1,0 +1,1 @@
+"""The embedded checkpoints' recipes and corpora: how ``trials/assets`` was made. Trials never import this package."""
