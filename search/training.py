@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,10 @@ def register_model(tracking_uri: str, run_id: str, out: Path, name: str, metrics
     mlflow.set_tracking_uri(tracking_uri)  # the fluent model API reads the global store (and registry) URI
     source = out / "merged" if (out / "merged").is_dir() else out  # the merged model, else the base plus the adapter
     scores = _numbers({k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))})
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature (a ``text`` column) is given, so MLflow's advice to add an input example (printed in colour
+        # codes) is not for the user of this command; an example would also make MLflow load and run the model here.
+        warnings.filterwarnings("ignore", message=r"(?s).*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(Path(__file__).with_name("registered_model.py")),
             artifacts={"model": str(source)},
