@@ -168,7 +168,7 @@ def mamba2_main(a: argparse.Namespace) -> None:
 # --- the method x architecture matrix ------------------------------------------------------------------------
 
 # The Mamba-2 mixer logs why it leaves the fused kernel (once per message); Mamba-1's does not.
-MAMBA2_LOGGER = "trials.models.mamba2_mixer"
+FUSED_LOGGER = "trials.models.fused"  # where both mixers say why a CUDA forward left the fused kernel
 # Max relative error allowed between the device and the CPU model, float32 throughout: the same code on the same
 # device is bit-identical up to reduction order; mamba-ssm's Triton kernels multiply in TF32 (10-bit mantissa),
 # which leaves ~1e-3 of the largest value.
@@ -194,13 +194,14 @@ class _Collect(logging.Handler):
 
 @contextlib.contextmanager
 def watched_kernels(fused: bool = True) -> Iterator[KernelWatch]:
-    """Count the calls into mamba-ssm's fused kernels (Mamba-1's and Mamba-2's) and collect the Mamba-2 mixer's
-    fallback messages; with ``fused=False`` the mixers are handed no kernel, so they take the torch path."""
+    """Count the calls into mamba-ssm's fused kernels (Mamba-1's and Mamba-2's) and collect the mixers' fallback
+    messages; with ``fused=False`` the mixers are handed no kernel, so they take the torch path."""
+    import trials.models.fused as fused_paths
     import trials.models.mamba1_mixer as mamba1_mixer
     import trials.models.mamba2_mixer as mamba2_mixer
 
     watch = KernelWatch()
-    originals = mamba1_mixer._cuda_kernels, mamba2_mixer._fused_kernel, mamba2_mixer._logged
+    originals = mamba1_mixer._cuda_kernels, mamba2_mixer._fused_kernel, set(fused_paths._warned)
 
     def counted(get_kernel: Callable[[], Any]) -> Callable[[], Any]:
         def get() -> Any:
@@ -214,17 +215,19 @@ def watched_kernels(fused: bool = True) -> Iterator[KernelWatch]:
             return call
         return get
 
-    logger = logging.getLogger(MAMBA2_LOGGER)
+    logger = logging.getLogger(FUSED_LOGGER)
     handler, level = _Collect(watch), logger.level
     mamba1_mixer._cuda_kernels = counted(originals[0])  # type: ignore[method-assign]
     mamba2_mixer._fused_kernel = counted(originals[1])  # type: ignore[method-assign]
-    mamba2_mixer._logged = set()  # each case logs its own fallbacks, not only the first case that meets them
+    fused_paths._warned.clear()  # each case logs its own fallbacks, not only the first case that meets them
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
         yield watch
     finally:
-        mamba1_mixer._cuda_kernels, mamba2_mixer._fused_kernel, mamba2_mixer._logged = originals  # type: ignore
+        mamba1_mixer._cuda_kernels, mamba2_mixer._fused_kernel = originals[:2]  # type: ignore[method-assign]
+        fused_paths._warned.clear()
+        fused_paths._warned.update(originals[2])
         logger.removeHandler(handler)
         logger.setLevel(level)
 
@@ -342,22 +345,9 @@ def train_step_time(lm: Any, params: list[torch.nn.Parameter], ids: torch.Tensor
     return 1000 * statistics.median(times), peak_mb() if cuda else float("nan")
 
 
-def fallback_reason(lm: Any, watch: KernelWatch) -> str:
-    """Why the fused run did not (only) use the fused kernel: the Mamba-2 mixer's own messages, or for Mamba-1
-    (whose mixer does not log) the hooks set on it."""
-    from trials.models.mamba1_mixer import HOOKS, FastMambaMixer, _cuda_kernels
-
-    if watch.messages:
-        return "; ".join(dict.fromkeys(watch.messages))
-    mixer = next((m for m in lm.modules() if isinstance(m, FastMambaMixer)), None)
-    if mixer is None:
-        return ""
-    if _cuda_kernels() is None:
-        return "mamba-ssm is not installed"
-    hooks = [h for h in HOOKS if getattr(mixer, h, None) is not None]
-    hooks += [f"a forward hook on {name}" for name in ("x_proj", "out_proj", "dt_proj")
-              if getattr(mixer, name)._forward_hooks]
-    return "the fused kernel cannot apply " + ", ".join(hooks) if hooks else ""
+def fallback_reason(watch: KernelWatch) -> str:
+    """Why the fused run did not (only) use the fused kernel: what the mixers said (``trials.models.fused``)."""
+    return "; ".join(dict.fromkeys(watch.messages))
 
 
 def path_taken(lm: Any, watch: KernelWatch, device: str) -> tuple[str, str]:
@@ -371,7 +361,7 @@ def path_taken(lm: Any, watch: KernelWatch, device: str) -> tuple[str, str]:
     if arch_of(lm).mixer_class not in {cls.__name__ for cls in FAST_CLASSES} | {"MambaMixer"}:
         return "transformers", "the project's mixer does not cover this mixer"
     path = "torch" if watch.calls == 0 else "partly fused" if watch.messages else "fused"
-    return path, "" if path == "fused" else fallback_reason(lm, watch)
+    return path, "" if path == "fused" else fallback_reason(watch)
 
 
 def run_case(model_type: str, method: str, device: str, length: int, batch: int, steps: int,

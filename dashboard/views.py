@@ -408,7 +408,7 @@ def trial_page(s: Search) -> None:
 
 
 def timings(row: pd.Series) -> pd.DataFrame:
-    """When a trial ran, for how long, how fast and with how much memory."""
+    """When a trial ran, for how long, how fast, with how much memory, on which device and which kernel path."""
     items: list[tuple[str, str]] = []
     start, end = row.get("start_time"), row.get("end_time")
     if start is not None and not pd.isna(start):
@@ -425,6 +425,9 @@ def timings(row: pd.Series) -> pd.DataFrame:
             items.append(("seconds per step", f"{seconds / steps:.3f}"))
     if _finite(row.get("peak_memory_mb")):
         items.append(("peak memory", f"{row.peak_memory_mb:,.0f} MB"))
+    for key, name in (("device", "device"), ("kernel", "kernel path")):
+        if isinstance(row.get(key), str) and row.get(key):
+            items.append((name, str(row[key])))
     if not items:
         items.append(("timings", "none logged yet"))
     return pd.DataFrame(items, columns=["measure", "value"])

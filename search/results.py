@@ -97,7 +97,8 @@ def search_info(c, experiment: str, search_run_id: str | None) -> dict[str, Any]
 
 def trials(c, experiment: str, search_run_id: str, detail: bool = False) -> pd.DataFrame:
     """One row per trial of a search: run id, name, status, summary, params (``param.*``), metrics. ``detail`` adds
-    the run's ``start_time`` and ``end_time`` (NaT while it runs) and its ``error`` (the ``mps.error`` tag)."""
+    the run's ``start_time`` and ``end_time`` (NaT while it runs), its ``error`` (the ``mps.error`` tag), and where it
+    trained: ``device`` and ``kernel`` (the ``mps.device`` and ``mps.kernel`` tags; empty when not logged)."""
     runs = c.search_runs([experiment_id(c, experiment)],
                          filter_string=f"tags.`mlflow.parentRunId` = '{search_run_id}'", max_results=50000)
     rows = []
@@ -110,7 +111,8 @@ def trials(c, experiment: str, search_run_id: str, detail: bool = False) -> pd.D
         if detail:
             row.update(start_time=pd.to_datetime(r.info.start_time, unit="ms"),
                        end_time=pd.to_datetime(r.info.end_time, unit="ms") if r.info.end_time else pd.NaT,
-                       error=r.data.tags.get("mps.error", ""))
+                       error=r.data.tags.get("mps.error", ""), device=r.data.tags.get("mps.device", ""),
+                       kernel=r.data.tags.get("mps.kernel", ""))
         row.update(r.data.metrics)
         row.update({f"param.{k}": v for k, v in r.data.params.items()})
         rows.append(row)

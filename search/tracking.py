@@ -20,7 +20,7 @@ from search.results import CONFIG_ARTIFACT, quiet_store_logs
 from space.config import SearchSpace, TrialConfig
 from space.metrics import METRICS, kind, test_metric
 from space.secrets import mask
-from trials.report import DEVICE, FINISHED
+from trials.report import DEVICE, FINISHED, KERNEL
 
 # Per-rung metrics are logged as curves; the rest of the final report is logged once.
 CURVE_KEYS = (*(m for m in METRICS if kind(m) in ("rung", "size")), "train_loss")
@@ -163,6 +163,7 @@ class MlflowTrialCallback(Callback):
         self.numbers: dict[str, int] = {}
         self.summaries: dict[str, str] = {}
         self.statuses: dict[str, str] = {}
+        self.kernel_notes: set[str] = set()  # torch-path reasons already said in the terminal
 
     def _client(self):
         return self.search.client
@@ -225,6 +226,15 @@ class MlflowTrialCallback(Callback):
             self._client().log_batch(run_id, metrics=metrics)
         if result.get(FINISHED) and DEVICE in result:
             self._client().set_tag(run_id, "mps.device", str(result[DEVICE]))
+        if result.get(FINISHED) and KERNEL in result:
+            kernel = str(result[KERNEL])
+            self._client().set_tag(run_id, "mps.kernel", kernel[:5000])
+            if kernel != "fused" and kernel not in self.kernel_notes:  # the workers' own warnings stay in Ray's logs
+                self.kernel_notes.add(kernel)
+                label = self._label(self.numbers[trial.trial_id], self._phase(trial))
+                self.echo(f"note: {label} ran the torch scan on CUDA, not mamba-ssm's fused kernel "
+                          f"({kernel.removeprefix('torch: ')}); later trials with the same reason are tagged "
+                          "mps.kernel without this line")
         if not result.get(FINISHED):
             self.echo(f"{self._label(self.numbers[trial.trial_id], self._phase(trial))} step {step:>5} "
                       f"{self.quality} {result.get(self.quality, float('nan')):.3f}")

@@ -12,3 +12,6 @@ FINISHED = "finished"
 # Also in the final report: where the trial trained, e.g. "cuda:0 NVIDIA H200 (CUDA_VISIBLE_DEVICES=0)" or "cpu"
 # (``trials.run.device_label``); the search tags the trial's MLflow run with it (``mps.device``).
 DEVICE = "device"
+# Also in the final report of a trial whose mixers ran on CUDA: the path they took, ``fused`` (mamba-ssm's kernels) or
+# ``torch: <why>`` (``trials.models.fused.kernel_label``); the search tags the run with it (``mps.kernel``).
+KERNEL = "kernel"

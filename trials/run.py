@@ -32,9 +32,10 @@ from torch import nn
 
 from space.config import TaskSpec, TrialConfig
 from trials.methods import REGISTRY, AppliedMethods, ModelDims, Prepared, apply_methods, count_params
+from trials.models import fused
 from trials.models.backbone import OnBackbone
 from trials.models.loading import load_base_model, quiet_transformers, random_base_model
-from trials.report import DEVICE, FINISHED, Report
+from trials.report import DEVICE, FINISHED, KERNEL, Report
 from trials.tasks.base import Split, TaskData
 from trials.tasks.batching import batches
 from trials.tasks.registry import evaluate_split, load_task, task_model, train_loss
@@ -308,6 +309,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     """
     device = trial_device()
     reset_peak_memory(device)
+    fused.reset()  # this trial's kernel paths (a reused Ray worker ran others before)
     built = built or build_trial(cfg, data, device)
     model, t = built.model, cfg.training
     steps = steps or t.max_steps
@@ -372,6 +374,7 @@ def _finish(cfg: TrialConfig, built: BuiltTrial, report: Report | None, steps: i
         method_params=built.applied.num_params(), train_seconds=train_seconds,
         peak_memory_mb=peak_memory_mb(device), steps_done=steps, curve=curve)
     if report is not None:
+        kernel = fused.kernel_label()
         report({**result.metrics(), "step": steps, "train_loss": curve[-1]["train_loss"], FINISHED: True,
-                DEVICE: device_label(device)})
+                DEVICE: device_label(device), **({KERNEL: kernel} if kernel else {})})
     return result

@@ -72,16 +72,18 @@ def test_gradient_error_is_relative_to_each_tensor_floored_by_the_largest():
 
 
 def test_watched_kernels_counts_fused_calls_withholds_them_for_the_torch_path_and_collects_fallbacks(monkeypatch):
+    import trials.models.fused as fused_paths
     import trials.models.mamba1_mixer as mamba1_mixer
     import trials.models.mamba2_mixer as mamba2_mixer
 
     monkeypatch.setattr(mamba2_mixer, "_fused_kernel", lambda: lambda x: x + 1)
     monkeypatch.setattr(mamba1_mixer, "_cuda_kernels", lambda: lambda x: x * 2)
-    mamba2_mixer._log_once("FastBambaMixer: torch SSD path on CUDA because of a test")  # logged before: still seen
+    said = "FastBambaMixer runs the torch scan on CUDA, not mamba-ssm's fused kernel: of a test"
+    fused_paths.choose("FastBambaMixer", (None, "of a test"), [])  # warned before: still seen
     with watched_kernels(fused=True) as watch:
         assert mamba2_mixer._fused_kernel()(1) == 2 and mamba1_mixer._cuda_kernels()(3) == 6
-        mamba2_mixer._log_once("FastBambaMixer: torch SSD path on CUDA because of a test")
-    assert watch.calls == 2 and watch.messages == ["FastBambaMixer: torch SSD path on CUDA because of a test"]
+        fused_paths.choose("FastBambaMixer", (None, "of a test"), [])
+    assert watch.calls == 2 and watch.messages == [said]
     with watched_kernels(fused=False) as watch:
         assert mamba2_mixer._fused_kernel() is None and mamba1_mixer._cuda_kernels() is None
     assert mamba2_mixer._fused_kernel()(1) == 2  # restored
@@ -104,22 +106,18 @@ def test_on_cuda_every_architecture_matches_the_cpu_path_and_lora_runs_the_fused
         assert "parallel_adapter" in by_case[("mamba2", "parallel_adapter")]["reason"]
 
 
-def test_path_names_the_fused_kernel_a_fallback_and_its_reason(monkeypatch):
-    import trials.models.mamba1_mixer as mamba1_mixer
+def test_path_names_the_fused_kernel_a_fallback_and_its_reason():
     from trials.models.fixtures import tiny_model
     from trials.models.loading import use_scan
 
     mamba2 = use_scan(tiny_model("mamba2"), "auto")
-    said = ["FastMamba2Mixer: torch SSD path on CUDA because the fused kernel cannot apply parallel_adapter"]
+    said = ["FastMamba2Mixer runs the torch scan on CUDA, not mamba-ssm's fused kernel: the fused kernel cannot "
+            "apply parallel_adapter"]
     assert path_taken(mamba2, KernelWatch(calls=4), "cuda") == ("fused", "")
     assert path_taken(mamba2, KernelWatch(calls=0, messages=said), "cuda") == ("torch", said[0])
     assert path_taken(mamba2, KernelWatch(calls=2, messages=said), "cuda")[0] == "partly fused"
     assert path_taken(mamba2, KernelWatch(calls=4), "cpu") == ("cpu", "")
     assert path_taken(use_scan(tiny_model("falcon_h1"), "auto"), KernelWatch(), "cuda")[0] == "transformers"
-    # Mamba-1's mixer does not log: the reason is read from the hooks set on it
-    mamba = use_scan(tiny_model("mamba"), "auto")
-    mamba.backbone.layers[0].mixer.initial_state = torch.nn.Parameter(torch.zeros(64, 4))
-    monkeypatch.setattr(mamba1_mixer, "_cuda_kernels", lambda: print)
-    assert path_taken(mamba, KernelWatch(), "cuda") == ("torch", "the fused kernel cannot apply initial_state")
-    monkeypatch.setattr(mamba1_mixer, "_cuda_kernels", lambda: None)
-    assert path_taken(mamba, KernelWatch(), "cuda") == ("torch", "mamba-ssm is not installed")
+    mamba = use_scan(tiny_model("mamba"), "auto")  # Mamba-1's mixer says why through the same logger
+    said = ["FastMambaMixer runs the torch scan on CUDA, not mamba-ssm's fused kernel: mamba-ssm cannot be imported"]
+    assert path_taken(mamba, KernelWatch(messages=said), "cuda") == ("torch", said[0])

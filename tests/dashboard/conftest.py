@@ -51,6 +51,9 @@ TRIALS = [
 ]
 FRONT = {"trial-001", "trial-002", "trial-006"}
 MOST_ACCURATE_ON_FRONT = "trial-001"
+# Where the most accurate trial trained, as a CUDA trial's final report tags it (search.tracking).
+DEVICE_TAGS = {"mps.device": "cuda:0 NVIDIA H100 80GB HBM3 (CUDA_VISIBLE_DEVICES=0)",
+               "mps.kernel": "torch: the fused kernel cannot apply parallel_adapter"}
 FINISHED = [t[0] for t in TRIALS if t[1] == results.STATUS_FINISHED]
 HYPERVOLUME = [0.0, 1.5, 2.0, 2.0, 2.0, 2.5]  # after each completed trial
 
@@ -161,7 +164,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         built.trial_run_ids[name] = make_trial(
             c, exp, built.search_run_id, name, status, metrics, config, params_of(rank, a_log),
             start_ms=now - 2 * hour + (len(TRIALS) - seed) * 60_000, curve=curve,  # 006 ends first
-            tags={"mps.error": FAILURE_REASON} if status == results.STATUS_FAILED else None)
+            tags={"mps.error": FAILURE_REASON} if status == results.STATUS_FAILED
+            else DEVICE_TAGS if name == MOST_ACCURATE_ON_FRONT else None)
     for step, value in enumerate(HYPERVOLUME, start=1):
         c.log_metric(built.search_run_id, "hypervolume", value, timestamp=now - 2 * hour + step * 60_000, step=step)
     c.log_metric(built.search_run_id, "steps_saved_by_pruning", 360)

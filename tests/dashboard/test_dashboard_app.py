@@ -27,6 +27,7 @@ from space.config import TrialConfig
 from tests.dashboard.conftest import (
     APP,
     BASE_PARAMS,
+    DEVICE_TAGS,
     EMPTY_EXPERIMENT,
     FAILED_EXPERIMENT,
     FAILURE_REASON,
@@ -263,6 +264,7 @@ def test_trial_page_shows_config_timings_memory_and_learning_curve(store: Store,
     timings = dict(_table(at, "timings").values.tolist())
     assert timings["peak memory"] == "300 MB" and timings["steps trained"] == "480"
     assert timings["training time"] == "15.0 s" and timings["seconds per step"] == "0.031"
+    assert timings["device"] == DEVICE_TAGS["mps.device"] and timings["kernel path"] == DEVICE_TAGS["mps.kernel"]
     curve = _trace(at, MOST_ACCURATE_ON_FRONT, key=f"curve-{run_id}-val_accuracy")
     assert curve["x"] == list(RUNGS) and curve["y"][-1] == pytest.approx(0.9)
     assert store.configs[MOST_ACCURATE_ON_FRONT].strip() in [c.value.strip() for c in at.code]

@@ -98,6 +98,7 @@ def test_two_stage_search_with_pruning_logs_every_trial_then_export_and_train_th
     # Each finished trial's run says where it trained (search.gpus_per_trial's GPUs, or here the CPU).
     finished = df[df.status == "finished"]
     assert len(finished) and all(c.get_run(r).data.tags.get("mps.device") == "cpu" for r in finished.run_id)
+    assert not any("mps.kernel" in c.get_run(r).data.tags for r in finished.run_id)  # no CUDA forward ran
     pruned = [t for t in studies if t.user_attrs["mps_state"] == "pruned"]
     assert all(t.state == optuna.trial.TrialState.PRUNED for t in pruned)
 

@@ -110,3 +110,18 @@ def test_a_failure_report_gets_one_line_a_tag_and_the_traceback_when_the_trial_c
     assert run.data.tags["mps.status"] == "failed" and run.info.status == "FAILED"
     logged = MlflowClient(uri).download_artifacts(run_id, ERROR_ARTIFACT, str(tmp_path / "dl"))
     assert open(logged).read() == report[TRACEBACK]
+
+
+def test_a_cuda_trial_s_final_report_tags_where_it_trained_and_its_kernel_path(tmp_path):
+    from trials.report import DEVICE, FINISHED, KERNEL
+
+    uri, callback, lines, run_id = _callback_with_trial_run(tmp_path)
+    report = {FINISHED: True, "step": 8, "val_accuracy": 0.5, DEVICE: "cuda:0 NVIDIA H100 (CUDA_VISIBLE_DEVICES=0)",
+              KERNEL: "torch: mamba-ssm cannot be imported"}
+    trial = SimpleNamespace(trial_id="t1", config={"phase": "search"}, last_result=report)
+    callback.on_trial_result(0, [], trial, report)
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["mps.device"] == report[DEVICE] and tags["mps.kernel"] == report[KERNEL]
+    callback.on_trial_result(0, [], trial, report)  # a second trial with the same reason: tagged, not said again
+    assert lines == ["note: [  1/4] ran the torch scan on CUDA, not mamba-ssm's fused kernel (mamba-ssm cannot be "
+                     "imported); later trials with the same reason are tagged mps.kernel without this line"]

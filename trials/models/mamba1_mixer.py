@@ -17,10 +17,11 @@ subclass; weights, state dict and ``save_pretrained`` are unchanged). Its forwar
   transformers does.
 With a generation cache it defers to transformers' cached path, which knows none of the hooks above except
 the parallel adapter: with one of them set, the first call runs the project's scan (so an eval forward works)
-and a decoding step raises rather than generate from a different model. On CUDA with
-mamba-ssm installed it calls the fused kernels with the effective weights, and falls back to the torch scan
-when they are missing or when a hook (or a LoRA-dropout forward hook on x_proj / out_proj) needs what the
-fused kernel does not take.
+and a decoding step raises rather than generate from a different model. On CUDA with ``model.scan: auto`` it calls
+mamba-ssm's fused kernel with the effective weights (a padded batch too: padded positions are zeroed before
+``in_proj``, and right padding only reaches padded outputs through the causal conv and scan); it runs the torch scan
+when the kernel cannot run here, when ``model.scan`` is ``torch``, or when a hook (or a LoRA-dropout forward hook
+on x_proj / out_proj) or the activation needs what the kernel does not take, and ``trials.models.fused`` says why.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
+from trials.models import fused
 from trials.models.scan import Impl, causal_conv, selective_scan_tokens
 
 # transformers 5.24 renamed the mixer's generation-cache argument from ``cache_params`` to ``cache`` (the old name
@@ -44,12 +46,13 @@ STATE_HOOKS = HOOKS[:4]  # what transformers' cached generation path would silen
 
 
 def _cuda_kernels() -> Any:
-    """mamba-ssm's fused ``mamba_inner_fn``, or None where it is not installed."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-    except ImportError:
-        return None
-    return mamba_inner_fn
+    """mamba-ssm's fused ``mamba_inner_fn``, or None where it cannot run here (``fused.mamba1_kernel`` says why)."""
+    return fused.mamba1_kernel()[0]
+
+
+def cuda_scan_error(scan_impl: str) -> ValueError:
+    return ValueError(f"model.scan: {scan_impl!r} is the CPU kernel and cannot run on CUDA; use auto (mamba-ssm's "
+                      "fused kernel where it can run) or torch")
 
 
 class FastMambaMixer(MambaMixer):
@@ -72,16 +75,35 @@ class FastMambaMixer(MambaMixer):
                 raise RuntimeError(f"{', '.join(active)} cannot decode from a generation cache (transformers' "
                                    "cached path does not apply it): generate with use_cache=False")
             seen.add(self.layer_idx)
-        hooks_active = any(getattr(self, h, None) is not None for h in HOOKS) or bool(
-            self.x_proj._forward_hooks or self.out_proj._forward_hooks or self.dt_proj._forward_hooks)
-        if hidden_states.is_cuda and not hooks_active and attention_mask is None:
-            mamba_inner_fn = _cuda_kernels()
+        if hidden_states.is_cuda:
+            if self.scan_impl == "compiled":
+                raise cuda_scan_error(self.scan_impl)
+            kernel = _cuda_kernels()
+            missing = "" if kernel is not None else (fused.mamba1_kernel()[1] or "the fused kernel is withheld")
+            mamba_inner_fn = fused.choose(type(self).__name__, (kernel, missing), self.fused_blockers())
             if mamba_inner_fn is not None:
-                return self._fused_cuda_forward(hidden_states, mamba_inner_fn)
+                return self._fused_cuda_forward(hidden_states, attention_mask, mamba_inner_fn)
         return self._scan_forward(hidden_states, attention_mask)
 
-    def _fused_cuda_forward(self, hidden_states: torch.Tensor, mamba_inner_fn: Any) -> torch.Tensor:
+    def fused_blockers(self) -> list[str]:
+        """What this mixer's forward needs that mamba-ssm's ``mamba_inner_fn`` does not take (empty: it can run)."""
+        blockers = []
+        if self.scan_impl != "auto":
+            blockers.append(f"model.scan is {self.scan_impl}")
+        hooks = [h for h in HOOKS if getattr(self, h, None) is not None]
+        hooks += [f"a forward hook on {name}" for name in ("x_proj", "out_proj", "dt_proj")
+                  if getattr(self, name)._forward_hooks]
+        if hooks:
+            blockers.append("the fused kernel cannot apply " + ", ".join(hooks))
+        if self.activation != "silu":
+            blockers.append(f"the fused kernel applies silu, this model's activation is {self.activation}")
+        return blockers
+
+    def _fused_cuda_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                            mamba_inner_fn: Any) -> torch.Tensor:
         """mamba-ssm's fused kernel, handed the effective weights (a parametrised weight is W + delta here)."""
+        if attention_mask is not None:  # as transformers' fused branch: right padding only reaches padded outputs
+            hidden_states = hidden_states * attention_mask[..., None].to(hidden_states.dtype)
         xz = self.in_proj(hidden_states).transpose(1, 2)  # [Bt, 2E, L]
         A = -torch.exp(self.A_log.float())  # [E, N]
         return mamba_inner_fn(

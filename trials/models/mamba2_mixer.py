@@ -27,14 +27,14 @@ G groups, N state size, K conv kernel, conv_dim = I + 2 G N (the x | B | C chann
 - zeroes padded positions (``attention_mask``) before in_proj and after the convolution, as transformers does.
 With a generation cache it defers to transformers' cached path, which knows none of the state hooks: with one
 set, the first call runs the project's scan (so an eval forward works) and a decoding step raises rather than
-generate from a different model. On CUDA with mamba-ssm installed it calls ``mamba_split_conv1d_scan_combined``
-with the effective weights (and the initial state), and falls back to the torch path when a hook (or a forward
-hook on out_proj) needs what the fused kernel does not take, logging why once.
+generate from a different model. On CUDA with ``model.scan: auto`` it calls mamba-ssm's
+``mamba_split_conv1d_scan_combined`` with the effective weights (and the initial state); it runs the torch path when
+the kernel cannot run here, when ``model.scan`` is ``torch``, or when a hook (or a forward hook on out_proj) or the
+conv channel count needs what the kernel does not take, and ``trials.models.fused`` says why (once, at WARNING).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -45,30 +45,23 @@ from transformers.models.granitemoehybrid.modeling_granitemoehybrid import Grani
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
+from trials.models import fused as fused_kernels
+from trials.models.mamba1_mixer import cuda_scan_error
 from trials.models.scan import Impl, causal_conv
 from trials.models.ssd import discretize_dt, reference_scan, ssd_scan
-
-log = logging.getLogger(__name__)
 
 HOOKS = ("initial_state", "conv_state", "affix_tokens", "state_offset", "parallel_adapter")  # set by methods
 STATE_HOOKS = HOOKS[:4]  # what transformers' cached generation path would silently skip
 FUSED_HOOKS = ("initial_state",)  # what the fused kernel takes itself
-_logged: set[str] = set()
+# mamba-ssm's causal-conv1d asserts a channel count that is a multiple of this (additional-scan's grown state can
+# break it: conv_dim = I + 2 G (N + n)).
+CONV_CHANNEL_MULTIPLE = 8
 
 
 def _fused_kernel() -> Any:
-    """mamba-ssm's ``mamba_split_conv1d_scan_combined``, or None where it is not installed."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
-    except ImportError:
-        return None
-    return mamba_split_conv1d_scan_combined
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        log.info(message)
+    """mamba-ssm's ``mamba_split_conv1d_scan_combined``, or None where it cannot run here
+    (``trials.models.fused.mamba2_kernel`` says why)."""
+    return fused_kernels.mamba2_kernel()[0]
 
 
 class FastSSDForward(nn.Module):
@@ -119,21 +112,32 @@ class FastSSDForward(nn.Module):
                 raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): packed sequences ({packed}) are "
                                  "not supported by the project's Mamba-2 forward")
         if hidden_states.is_cuda:
-            blockers = [h for h in HOOKS if h not in FUSED_HOOKS and self._hook(h) is not None]
-            if self.out_proj._forward_hooks and not blockers:
-                blockers = ["a forward hook on out_proj"]
-            fused = _fused_kernel()
-            if fused is None:
-                _log_once(f"{type(self).__name__}: torch SSD path on CUDA (mamba-ssm is not installed)")
-            elif blockers:
-                _log_once(f"{type(self).__name__}: torch SSD path on CUDA because the fused kernel cannot apply "
-                          f"{', '.join(blockers)}")
-            elif self._state_size() != self._initial_state_size():
-                _log_once(f"{type(self).__name__}: torch SSD path on CUDA because the initial state has fewer "
-                          "state dimensions than the scan")
-            else:
+            if self.scan_impl == "compiled":
+                raise cuda_scan_error(self.scan_impl)
+            kernel = _fused_kernel()
+            missing = "" if kernel is not None else (fused_kernels.mamba2_kernel()[1] or "the fused kernel is withheld")
+            fused = fused_kernels.choose(type(self).__name__, (kernel, missing), self.fused_blockers())
+            if fused is not None:
                 return self._fused_forward(hidden_states, attention_mask, fused)
         return self._ssd_forward(hidden_states, attention_mask)
+
+    def fused_blockers(self) -> list[str]:
+        """What this mixer's forward needs that mamba-ssm's fused kernel does not take (empty: it can run)."""
+        blockers = []
+        if self.scan_impl != "auto":
+            blockers.append(f"model.scan is {self.scan_impl}")
+        hooks = [h for h in HOOKS if h not in FUSED_HOOKS and self._hook(h) is not None]
+        if self.out_proj._forward_hooks and not hooks:
+            hooks = ["a forward hook on out_proj"]
+        if hooks:
+            blockers.append(f"the fused kernel cannot apply {', '.join(hooks)}")
+        if self._state_size() != self._initial_state_size():
+            blockers.append("the initial state has fewer state dimensions than the scan")
+        conv_dim = self.conv1d.weight.shape[0]
+        if conv_dim % CONV_CHANNEL_MULTIPLE:
+            blockers.append(f"conv1d has {conv_dim} channels, not a multiple of {CONV_CHANNEL_MULTIPLE} (mamba-ssm's "
+                            "causal-conv1d asserts it; additional-scan's grown state gives such a count)")
+        return blockers
 
     def _hook(self, name: str) -> Any:
         return getattr(self, name, None)

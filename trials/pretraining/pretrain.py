@@ -342,16 +342,21 @@ def validation_loss(model: Any, val: torch.Tensor, length: int, batch: int, max_
     return total / n, n * (length - 1)
 
 
-def scan_path(device: str) -> str:
-    """Which selective scan a Mamba-1 with scan ``auto`` runs on ``device``: CUDA tensors never take the compiled
-    kernel (C on CPU memory), so without mamba-ssm they run ``trials.models.scan``'s torch recurrence."""
+def scan_path(device: str, scan: str = "auto") -> str:
+    """Which selective scan a Mamba-1 with ``scan`` runs on ``device``: transformers' own paths for ``mambapy`` and
+    ``hf_loop``; on CUDA with ``auto`` mamba-ssm's fused kernel where it can run (CUDA tensors never take the compiled
+    kernel, C on CPU memory), else ``trials.models.scan``'s torch recurrence."""
+    if scan in ("mambapy", "hf_loop"):
+        return f"transformers' {scan} path"
     if device == "cuda":
-        from trials.models.mamba1_mixer import _cuda_kernels
+        from trials.models import fused
 
-        return "mamba-ssm fused kernel" if _cuda_kernels() is not None else "torch recurrence (trials.models.scan)"
+        if scan == "auto" and fused.mamba1_kernel()[0] is not None:
+            return "mamba-ssm fused kernel"
+        return "torch recurrence (trials.models.scan)"
     from trials.models.scan import resolve_impl
 
-    return f"{resolve_impl('auto')} (trials.models.scan)"
+    return f"{resolve_impl(scan)} (trials.models.scan)"  # type: ignore[arg-type]
 
 
 def build_config(hidden: int, layers: int, state: int, arch: str = "mamba", head_dim: int = 16, groups: int = 1,
@@ -540,7 +545,7 @@ def pretrain(out: Path, steps: int, batch: int, length: int, lr: float, hidden: 
     if device != "cpu" or built is not None or max_seconds is not None:
         info_device = {"device": device, "device_name": (torch.cuda.get_device_name() if device == "cuda"
                                                          else platform.processor() or platform.machine()),
-                       "scan_path": scan_path(device)}
+                       "scan_path": scan_path(device, scan)}
         if timed_step is not None:
             info_device.update(max_seconds=max_seconds, timed_ms_per_step=round(timed_step * 1000, 2),
                                total_seconds=round(time.time() - t_begin, 1))

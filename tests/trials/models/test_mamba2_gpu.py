@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+import trials.models.fused as fused
 import trials.models.mamba2_mixer as mamba2_mixer
 from tests.trials.models.test_mamba2_mixer import HEAD_DIM, HEADS, STATE, Delta, close, ids, mixers, pair
 
@@ -99,11 +100,11 @@ def test_a_hook_the_fused_kernel_cannot_apply_falls_back_to_the_torch_path_and_s
     want = cpu(ids(), use_cache=False).logits
     gpu = cpu.cuda()
     calls = counting_fused(monkeypatch)
-    mamba2_mixer._logged.clear()
-    with caplog.at_level(logging.INFO, logger=mamba2_mixer.__name__):
+    fused._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
         got = gpu(ids().cuda(), use_cache=False).logits
     assert calls == [] and close(got.cpu(), want, 1e-3)
-    assert "torch SSD path on CUDA because the fused kernel cannot apply" in caplog.text
+    assert "runs the torch scan on CUDA, not mamba-ssm's fused kernel: the fused kernel cannot apply" in caplog.text
 
 
 def test_without_mamba_ssm_the_torch_path_runs_on_cuda_and_matches_the_cpu_path(monkeypatch):

@@ -254,3 +254,10 @@ def test_batches_on_cuda_equal_those_on_cpu_and_a_step_trains():
     gpu = next(pretrain.byte_batches(text.cuda(), images.cuda(), 8, 64, seed=1, image_every=4))
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu, strict=True))
     assert pretrain.scan_path("cuda") in ("torch recurrence (trials.models.scan)", "mamba-ssm fused kernel")
+
+
+def test_the_card_names_the_scan_the_model_ran_transformers_own_path_included():
+    assert pretrain.scan_path("cpu", "mambapy") == "transformers' mambapy path"
+    assert pretrain.scan_path("cuda", "hf_loop") == "transformers' hf_loop path"
+    assert pretrain.scan_path("cuda", "torch") == "torch recurrence (trials.models.scan)"
+    assert pretrain.scan_path("cpu", "torch") == "torch (trials.models.scan)"
