@@ -41,6 +41,9 @@ from trials.tasks.batching import batches
 from trials.tasks.registry import evaluate_split, load_task, task_model, train_loss
 
 BASELINES = ("full", "head", "scratch")
+# Steps between the host's reads of the loss on a CUDA device (the NaN check and the loss curve): a non-finite loss
+# ends the trial at most this many steps after it appears.
+SYNC_EVERY = 16
 
 
 @dataclass
@@ -327,29 +330,42 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, *, steps: int | No
     t0 = time.perf_counter()
     train_seconds = 0.0
     val: dict[str, float] = {}
-    loss_sum, loss_n = 0.0, 0
+    # The loss curve and the NaN check stay on the device and are read every ``check`` steps (and at each rung), so a
+    # CUDA step does not wait for the host; on the CPU, where reading costs nothing, every step is checked.
+    check = sync_interval(device)
+    loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=device), 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first step whose loss was not finite
+    bad_loss = torch.zeros((), device=device)
     for step in range(1, steps + 1):
         batch = tuple(x.to(device) for x in next(it))
         with forward_precision(device, t.precision):
             loss = train_loss(model, batch, cfg.task)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step} (learning rate too high?)")
+        newly_bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+        first_bad = torch.where(newly_bad, step, first_bad)
+        bad_loss = torch.where(newly_bad, loss.detach().float(), bad_loss)
+        if (step % check == 0 or step in rungs) and int(first_bad) >= 0:
+            raise FloatingPointError(f"loss is {bad_loss.item()} at step {int(first_bad)} (learning rate too high?)")
         optimizer_step(loss, opt, scaler, trainable, t.grad_clip)
         with warnings.catch_warnings():
             # The schedule follows the step count even when fp16's scaler skipped the optimiser step.
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
             sched.step()
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        loss_sum, loss_n = loss_sum + loss.detach().double(), loss_n + 1
         if step in rungs:
             train_seconds += time.perf_counter() - t0
             val = split_scores(model, built, cfg, built.data.val, "val", device)
-            point = {"step": step, **val, "train_loss": loss_sum / loss_n}
+            point = {"step": step, **val, "train_loss": float(loss_sum) / loss_n}
             curve.append(point)
-            loss_sum, loss_n = 0.0, 0
+            loss_sum, loss_n = torch.zeros_like(loss_sum), 0
             if report is not None and step != steps:
                 report({**point, "trainable_params": built.trainable_params, FINISHED: False})
             t0 = time.perf_counter()
     return _finish(cfg, built, report, steps, val, curve, train_seconds, device)
+
+
+def sync_interval(device: torch.device) -> int:
+    """Steps between the host's reads of the training loss: every step on the CPU, SYNC_EVERY elsewhere."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
 
 
 def _untrained(cfg: TrialConfig, built: BuiltTrial, report: Report | None, steps: int, rungs: list[int],

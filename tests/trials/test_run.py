@@ -131,3 +131,23 @@ def test_a_baseline_trial_builds_with_the_closed_form_count_the_search_rejects_a
     built = build_trial(cfg, probe.data)
     assert built.trainable_params == probe.trainable(cfg)
     assert built.trainable_params == (probe.base_params + 650 if kind == "full" else 650)
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_a_non_finite_loss_ends_the_trial_naming_the_first_step_it_appeared_at(interval, monkeypatch, small_trial):
+    """On a CUDA device the loss is read every few steps (no host sync per step); the error still names the step."""
+    import trials.run
+
+    real_loss = trials.run.train_loss
+    calls = []
+
+    def goes_nan_at_step_2(model, batch, task):
+        calls.append(1)
+        loss = real_loss(model, batch, task)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(trials.run, "train_loss", goes_nan_at_step_2)
+    monkeypatch.setattr(trials.run, "sync_interval", lambda device: interval)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2 \(learning rate too high\?\)"):
+        trials.run.run_trial(small_trial)
+    assert len(calls) == (2 if interval == 1 else 3)  # read at step 2, or at step 3 (the first rung, eval_every 3)

@@ -161,7 +161,8 @@ def greedy_generate(model: LanguageModel, prompts: list[torch.Tensor], max_new_t
                     device: torch.device | str = "cpu", precision_ctx: Any = None) -> list[list[int]]:
     """Greedy continuations of each prompt (1-D id tensors), at most ``max_new_tokens`` each, stopping after
     ``eos_id`` (not included). All prompts advance together: one forward pass of the whole right-padded batch per
-    new token, without a generation cache (every PEFT method supports that path; some refuse cached decoding)."""
+    new token, without a generation cache (every PEFT method supports that path; some refuse cached decoding), and one
+    read of the device per token (whether any row goes on, and the longest row)."""
     import contextlib
 
     ctx = precision_ctx or contextlib.nullcontext
@@ -170,25 +171,24 @@ def greedy_generate(model: LanguageModel, prompts: list[torch.Tensor], max_new_t
     buf = torch.zeros(n, int(lengths.max()) + max_new_tokens, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         buf[i, : len(p)] = p.to(device)
-    out: list[list[int]] = [[] for _ in range(n)]
+    starts = lengths.clone()  # [n] where each continuation begins
+    rows = torch.arange(n, device=device)
     live = torch.ones(n, dtype=torch.bool, device=device)
+    width = int(lengths.max())  # the longest row so far
     for _ in range(max_new_tokens):
-        width = int(lengths.max())
         with ctx():
             hidden = model.hidden(buf[:, :width], lengths)  # [n, width, D]
-            last = hidden[torch.arange(n, device=device), lengths - 1]  # [n, D]
+            last = hidden[rows, lengths - 1]  # [n, D]
             nxt = model.lm.lm_head(last).argmax(-1)  # [n]
-        for i in live.nonzero()[:, 0].tolist():
-            token = int(nxt[i])
-            if eos_id is not None and token == eos_id:
-                live[i] = False
-                continue
-            out[i].append(token)
-            buf[i, lengths[i]] = token
+        if eos_id is not None:
+            live = live & (nxt != eos_id)  # a row that produced eos stops (eos not kept)
+        buf[rows, lengths] = torch.where(live, nxt, buf[rows, lengths])  # a stopped row keeps what it has
         lengths = lengths + live.long()
-        if not bool(live.any()):
+        any_live, width = torch.stack([live.any().long(), lengths.max()]).tolist()  # one read of the device a token
+        if not any_live:
             break
-    return out
+    ends = lengths.tolist()
+    return [buf[i, int(starts[i]) : ends[i]].tolist() for i in range(n)]
 
 
 def exact_match(model: LanguageModel, split: Split, data: TaskData, task: TaskSpec, eos_id: int | None,
