@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from trials.models.interface import Architecture, CheckpointError, architectures
@@ -124,11 +125,18 @@ def check_loading_info(info: dict[str, Any], checkpoint: str, path: str, model: 
                               f"{said}. Nothing was initialised in their place.")
 
 
+# The dtype every base model's weights are held in: trials keep fp32 master weights and run bf16 / fp16 through
+# autocast (training.precision), so a checkpoint saved in bf16 (transformers would load it as bf16, its dtype="auto")
+# neither trains in bf16 under precision fp32 nor rounds its adapters' deltas to bf16.
+LOAD_DTYPE = torch.float32
+
+
 def load_base_model(checkpoint: str, scan: str = "auto") -> Any:
     """Load a supported causal LM checkpoint and set its scan.
 
     ``checkpoint`` is an embedded name, a directory (transformers' layout, or mamba-ssm's, converted in memory)
-    or a model id. Nothing is initialised silently: another architecture, or any weight the checkpoint lacks, has
+    or a model id. The weights load in fp32 whatever dtype the checkpoint was saved in (``LOAD_DTYPE``). Nothing is
+    initialised silently: another architecture, or any weight the checkpoint lacks, has
     in excess or holds in another shape, is a ``CheckpointError`` that names them.
     """
     import transformers
@@ -143,12 +151,12 @@ def load_base_model(checkpoint: str, scan: str = "auto") -> Any:
             cls = getattr(transformers, architectures()[architecture(config, checkpoint)].model_class)
             # Mismatched shapes are reported in `info` (and refused below) rather than raised without their names.
             model, info = cls.from_pretrained(None, config=config, state_dict=state_dict, output_loading_info=True,
-                                              ignore_mismatched_sizes=True)
+                                              ignore_mismatched_sizes=True, dtype=LOAD_DTYPE)
         else:
             config = AutoConfig.from_pretrained(path)
             architecture(config, checkpoint)
             model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
-                path, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+                path, config=config, output_loading_info=True, ignore_mismatched_sizes=True, dtype=LOAD_DTYPE)
     except OSError as exc:
         raise FileNotFoundError(f"model.checkpoint: cannot load {checkpoint!r} ({path}): {exc}") from exc
     check_loading_info(info, checkpoint, path, model)
@@ -167,7 +175,7 @@ def random_base_model(checkpoint: str, scan: str = "auto") -> Any:
     except OSError as exc:
         raise FileNotFoundError(f"model.checkpoint: cannot load {checkpoint!r} ({path}): {exc}") from exc
     cls = getattr(transformers, architectures()[architecture(config, checkpoint)].model_class)
-    return use_scan(cls(config), scan)
+    return use_scan(cls(config).to(LOAD_DTYPE), scan)
 
 
 def quiet_transformers() -> None:

@@ -176,3 +176,18 @@ def test_the_fixture_command_writes_a_checkpoint_the_loader_takes(tmp_path, caps
     assert type(load_base_model(str(tmp_path / "nh"))).__name__ == "NemotronHForCausalLM"
     with pytest.raises(ValueError, match="--write-fixture: 'zamba2' is not one of mamba, mamba2, bamba"):
         main(["--write-fixture", "zamba2", str(tmp_path / "z")])
+
+
+def test_a_checkpoint_saved_in_bf16_loads_in_fp32_with_its_weights(tmp_path):
+    """transformers 5 loads dtype="auto" (the checkpoint's own): a bf16 checkpoint would train in bf16 under
+    precision fp32 and round LoRA deltas to bf16. The project keeps fp32 master weights whatever was saved."""
+    import torch
+
+    from trials.models.fixtures import tiny_model
+
+    saved = tiny_model("mamba").to(torch.bfloat16)
+    saved.save_pretrained(tmp_path)
+    lm = load_base_model(str(tmp_path))
+    assert {p.dtype for p in lm.parameters()} == {torch.float32}
+    want = dict(saved.named_parameters())
+    assert all(torch.equal(p, want[name].float()) for name, p in lm.named_parameters())  # bf16 -> fp32 is exact
