@@ -207,16 +207,12 @@ def use_scan(lm: Any, scan: str) -> Any:
     arch = arch_of(lm)
     fast = scan in ("auto", "compiled", "torch")
     if arch.family == "mamba1":
-        from transformers.models.mamba.modeling_mamba import MambaMixer
-
-        from trials.models.mamba1_mixer import install_fast_mixer
+        from trials.models.mamba1_mixer import install_fast_mixer, install_transformers_mixer
 
         if fast:
             install_fast_mixer(lm, scan)  # type: ignore[arg-type]
         else:
-            for module in lm.modules():
-                if isinstance(module, MambaMixer):
-                    module.use_mambapy = scan == "mambapy"
+            install_transformers_mixer(lm, scan)
     elif fast:
         install, covered = _mamba2_installer()
         if install is not None and arch.mixer_class in covered:

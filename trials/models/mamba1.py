@@ -72,7 +72,7 @@ class Mamba1Kind:
                  conv_bias=m.conv1d.bias is not None)
         fast = isinstance(module, FastMambaMixer)
         hooks: frozenset[Hook] = frozenset(HOOKS) if fast else frozenset({"parallel_adapter"})
-        runtime = "the project's FastMambaMixer" if fast else f"transformers' {type(module).__name__}"
+        runtime = "the project's FastMambaMixer" if fast else "transformers' MambaMixer"
         return Mixer(spec=s, module=module, path=path, hooks=hooks, runtime=runtime)
 
 

@@ -158,12 +158,39 @@ class FastMambaMixer(MambaMixer):
         return self.out_proj(y.to(hidden_states.dtype))  # [Bt, L, D]
 
 
+class TransformersPathMambaMixer(MambaMixer):
+    """transformers' own forward (``model.scan`` mambapy or hf_loop) with every projection a method hooks called as a
+    module. In training, transformers hands ``x_proj``'s and ``out_proj``'s weights to a fused kernel wherever one is
+    installed (CUDA), which would skip a parallel adapter's and LoRA dropout's forward hooks while evaluation runs
+    them; with such a hook set, the forward takes transformers' unfused branch, which calls the modules."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hooked = bool(self.x_proj._forward_hooks or self.out_proj._forward_hooks or self.dt_proj._forward_hooks)
+        if not (hooked and self.training):
+            return super().forward(*args, **kwargs)
+        self.training = False  # transformers' fused shortcut is taken only in training (its flag, not submodules')
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.training = True
+
+
+def install_transformers_mixer(lm: Any, scan: str) -> None:
+    """Keep transformers' own Mamba-1 forward (``mambapy``: its parallel scan; ``hf_loop``: its sequential loop), with
+    the hooks of ``TransformersPathMambaMixer`` honoured."""
+    for module in lm.modules():
+        if isinstance(module, MambaMixer):
+            if type(module) in (MambaMixer, FastMambaMixer):
+                module.__class__ = TransformersPathMambaMixer
+            module.use_mambapy = scan == "mambapy"
+
+
 def install_fast_mixer(lm: Any, impl: Impl = "auto") -> int:
     """Switch every ``MambaMixer`` in ``lm`` to ``FastMambaMixer`` with scan ``impl``; returns how many."""
     count = 0
     for module in lm.modules():
         if isinstance(module, MambaMixer):
-            if type(module) is MambaMixer:
+            if type(module) in (MambaMixer, TransformersPathMambaMixer):
                 module.__class__ = FastMambaMixer
             if isinstance(module, FastMambaMixer):
                 module.scan_impl = impl
