@@ -153,3 +153,23 @@ def test_every_scan_path_trains_under_autocast_close_to_fp32_with_fp32_ssm_param
         for p in (mixer.A_log, mixer.D, mixer.dt_proj.bias):
             assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
             assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_on_cuda_autocast_logits_stay_within_the_stated_tolerance_of_fp32(precision):
+    """On CUDA under bf16 / fp16 autocast, the path a Mamba-1 takes (mamba-ssm's fused kernel where it can run: it
+    casts x_proj, dt_proj and out_proj to the autocast dtype and keeps the scan state fp32; else the torch path)
+    gives logits within 5e-2 of fp32's largest logit (bf16 keeps 8 bits of mantissa, fp16 11)."""
+    from trials.models import fused
+    from trials.models.fixtures import tiny_model
+    from trials.models.loading import use_scan
+
+    lm = use_scan(tiny_model("mamba"), "auto").cuda()
+    ids = torch.randint(3, 200, (4, 48), generator=torch.Generator().manual_seed(0)).cuda()
+    want = lm(ids, use_cache=False).logits.float()
+    fused.reset()
+    with torch.autocast("cuda", dtype=LOW[precision]):
+        got = lm(ids, use_cache=False).logits
+    assert rel(got, want) < 5e-2, fused.kernel_label()
