@@ -17,9 +17,12 @@ and registers it as a new version of NAME, tagged with its metrics.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -185,15 +188,24 @@ def register_model(tracking_uri: str, run_id: str, out: Path, name: str, metrics
     mlflow.set_tracking_uri(tracking_uri)  # the fluent model API reads the global store (and registry) URI
     source = out / "merged" if (out / "merged").is_dir() else out  # the merged model, else the base plus the adapter
     scores = _numbers({k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))})
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The signature (a ``text`` column) is given, so MLflow's advice to add an input example (printed in colour
-        # codes) is not for the user of this command; an example would also make MLflow load and run the model here.
-        warnings.filterwarnings("ignore", message=r"(?s).*An input example was not provided", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(Path(__file__).with_name("registered_model.py")),
-            artifacts={"model": str(source)},
-            registered_model_name=name, signature=ModelSignature(inputs=Schema([ColSpec("string", "text")])),
-            pip_requirements=_requirements(), metadata={"form": source.name if source != out else "adapter"})
+    # MLflow's own lines ("Successfully registered model ...", "Created version ...") are kept out of the terminal:
+    # the command says what was registered in its own words, and MLflow's lines come back only if logging fails.
+    said = io.StringIO()
+    try:
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), contextlib.redirect_stderr(said):
+            # The signature (a ``text`` column) is given, so MLflow's advice to add an input example (printed in
+            # colour codes) is not for the user of this command; an example would also make MLflow load and run
+            # the model here.
+            warnings.filterwarnings("ignore", message=r"(?s).*An input example was not provided",
+                                    category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(Path(__file__).with_name("registered_model.py")),
+                artifacts={"model": str(source)},
+                registered_model_name=name, signature=ModelSignature(inputs=Schema([ColSpec("string", "text")])),
+                pip_requirements=_requirements(), metadata={"form": source.name if source != out else "adapter"})
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
     model_version = str(info.registered_model_version)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     for key, value in {**scores, "trainable_params": metrics.get("trainable_params", ""),

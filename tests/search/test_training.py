@@ -90,7 +90,7 @@ def test_the_registered_model_loads_with_mlflows_loader_and_reproduces_the_test_
     assert (predicted.label == labels).mean() == pytest.approx(saved["test_accuracy"], abs=1e-9)
 
 
-def test_a_model_that_cannot_merge_registers_its_adapter(tmp_path):
+def test_a_model_that_cannot_merge_registers_its_adapter(tmp_path, capsys):
     import warnings
 
     import mlflow
@@ -102,6 +102,9 @@ def test_a_model_that_cannot_merge_registers_its_adapter(tmp_path):
         warnings.simplefilter("always")
         assert train_main([str(tmp_path / "best.yaml"), "--out", str(tmp_path / "out"), "--register", "adapted"]) == 0
     assert not [str(w.message) for w in caught if "mlflow" in w.filename], "MLflow's warnings reach the terminal"
+    printed = capsys.readouterr()
+    assert "registered as adapted version 1" in printed.out
+    assert "Successfully registered model" not in printed.err and "Created version" not in printed.err
     assert not (tmp_path / "out" / "merged").exists()
     mlflow.set_tracking_uri(uri)
     assert mlflow.MlflowClient().get_model_version("adapted", "1").tags["form"] == "adapter"
