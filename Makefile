@@ -44,6 +44,19 @@ test-latest:
 	.venv-latest/bin/mypy search space trials dashboard benchmarks
 	MAMBA_PEFT_TEST_LATEST=1 .venv-latest/bin/python -m pytest
 
+# mamba-ssm's and causal-conv1d's Python sources, unpacked (never built: no CUDA here), so the tests can swap their
+# pure-PyTorch reference functions in for the fused kernels. The versions are benchmarks/gpu_check.py's SOURCES (a
+# test checks they agree); pip reads the archives' metadata with this venv's torch and the CUDA build skipped.
+MAMBA_REF := $(VENV)/mamba-ref
+MAMBA_REF_SOURCES := causal-conv1d==1.6.1 mamba-ssm==2.3.2.post1
+$(MAMBA_REF)/.unpacked: $(STAMP)
+	rm -rf $(MAMBA_REF) && mkdir -p $(MAMBA_REF)/archives
+	MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(BIN)/pip download -q --no-deps --no-binary :all: \
+	  --no-build-isolation -d $(MAMBA_REF)/archives $(MAMBA_REF_SOURCES)
+	for a in $(MAMBA_REF)/archives/*.tar.gz; do tar -xzf $$a -C $(MAMBA_REF)/archives; done
+	cp -r $(MAMBA_REF)/archives/mamba_ssm-*/mamba_ssm $(MAMBA_REF)/archives/causal_conv1d-*/causal_conv1d $(MAMBA_REF)/
+	touch $@
+
 setup: $(STAMP)
 
 run: $(STAMP)
@@ -59,7 +72,7 @@ chromium:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
 	else echo "note: no chromium here; the dashboard's browser test will skip (apt-get install chromium)"; fi
 
-test: $(STAMP) chromium
+test: $(STAMP) $(MAMBA_REF)/.unpacked chromium
 	$(BIN)/ruff check search space trials dashboard benchmarks tests
 	$(BIN)/mypy search space trials dashboard benchmarks
 	$(BIN)/python -m pytest

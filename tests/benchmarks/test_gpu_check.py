@@ -58,3 +58,15 @@ def test_the_build_scripts_are_rewritten_to_compile_for_sm_90_alone(tmp_path):
     with tarfile.open(tmp_path / "out.tar.gz") as t:
         assert t.extractfile("pkg-1.0/setup.py").read().decode() == patched
         assert t.extractfile("pkg-1.0/csrc/kernel.cu").read() == b"// unchanged\n"
+
+
+def test_the_makefile_unpacks_the_sources_the_gpu_check_builds():
+    """The reference-swap tests read the same mamba-ssm and causal-conv1d as the GPU check compiles."""
+    import re
+
+    from benchmarks.gpu_check import SOURCES
+    from tests.conftest import REPO
+
+    makefile = (REPO / "Makefile").read_text()
+    found = re.search(r"^MAMBA_REF_SOURCES := (.+)$", makefile, re.M)
+    assert found is not None and sorted(found.group(1).split()) == sorted(SOURCES)
