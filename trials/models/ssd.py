@@ -61,8 +61,9 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     x: [Bt, L, H, P]; dt: [Bt, L, H] (discretised, see ``discretize_dt``); A: [H] (negative); B, C: [Bt, L, G, N];
     D: [H]; initial_state: [Bt or 1, H, P, N], the state before the first token (zero when None).
     Returns y [Bt, L, H, P] and the state after the last token [Bt, H, P, N], both fp32: computed in fp32 with
-    autocast off, as mamba-ssm's kernels do. ``chunk_size`` defaults to ``chunk_size_for``; ``factored`` (default:
-    when every chunk's log-decay is within ``FACTORED_SPAN``) picks the within-chunk form.
+    autocast off, as mamba-ssm's kernels do. ``chunk_size`` defaults to ``chunk_size_for``; ``factored`` (default on the
+    CPU: when every chunk's log-decay is within ``FACTORED_SPAN``; elsewhere False, to keep the device unread) picks
+    the within-chunk form.
     """
     bt, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -85,6 +86,10 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         Cg = _pad_time(C.float(), pad).view(bt, t, q, g, n).transpose(2, 3)  # [Bt, T, G, Q, N]
         acum = (dtT * A.float().view(g, r, 1)).cumsum(dim=-1)  # [Bt, T, G, R, Q], log-decay from chunk start
         last = acum[..., -1:]  # [Bt, T, G, R, 1], each chunk's total log-decay
+        if factored is None and x.device.type != "cpu":
+            # Deciding from the data would read the device once per layer and forward; on an accelerator (where this
+            # path is the fallback from mamba-ssm's kernel) the masked form, safe at any decay, runs without that.
+            factored = False
         if factored is None:
             factored = bool(-last.detach().min() <= FACTORED_SPAN) if last.numel() else True
         causal = torch.ones(q, q, dtype=torch.bool, device=x.device).triu()  # [Q(s), Q(l)]: s <= l

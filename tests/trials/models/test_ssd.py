@@ -108,3 +108,20 @@ def test_mismatched_shapes_are_named():
     t = inputs(8, 3 if H % 3 else 2)
     with pytest.raises(ValueError, match=r"B \(2, 8, 3, 4\)"):
         ssd_scan(t["x"], t["dt_raw"], t["A"], t["B"], t["C"])
+
+
+def test_off_the_cpu_the_scan_never_reads_its_data_to_choose_a_form(monkeypatch):
+    """On an accelerator a data-dependent choice would make the host wait once per layer and forward: on meta
+    tensors (which have no data to read; autocast, which knows no meta device, is a no-op here) the scan runs
+    through."""
+    import contextlib
+
+    from trials.models.ssd import ssd_scan
+
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    bt, length, h, p, g, n = 2, 20, 4, 3, 2, 5
+    meta = {"device": "meta"}
+    y, state = ssd_scan(torch.empty(bt, length, h, p, **meta), torch.empty(bt, length, h, **meta),
+                        -torch.ones(h, **meta), torch.empty(bt, length, g, n, **meta),
+                        torch.empty(bt, length, g, n, **meta), chunk_size=8)
+    assert y.shape == (bt, length, h, p) and state.shape == (bt, h, p, n)
