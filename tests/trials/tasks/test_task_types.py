@@ -131,6 +131,19 @@ def test_greedy_generation_matches_one_prompt_at_a_time(tiny_lm):
     assert stopped[0] == first[:k]  # stops at the end-of-sequence token, which is not kept
 
 
+def test_greedy_generation_reads_the_device_once_a_token_whatever_the_batch(tiny_lm, monkeypatch):
+    """Each host read waits for the device (CUDA): one per generated token, not one per row and token."""
+    model = LanguageModel(tiny_lm)
+    reads = []
+    for name in ("tolist", "item", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: (
+            reads.append(_name), _real(self, *a, **k))[1])
+    prompts = [torch.tensor([5 + i, 6, 7]) for i in range(8)]
+    greedy_generate(model, prompts, 5, eos_id=None)
+    assert len(reads) <= 5 + 3 + 2, reads  # a read per token, the outputs once, the setup
+
+
 @pytest.mark.parametrize("task_type", list(LM_TASKS))
 @pytest.mark.parametrize("combo", [c for c in COMBOS if len(c) == 1 or len(c) == len(PLAIN)], ids=ids)
 def test_every_method_trains_through_the_language_model_task_types(tiny_lm, task_type, combo):

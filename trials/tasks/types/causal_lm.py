@@ -187,8 +187,8 @@ def greedy_generate(model: LanguageModel, prompts: list[torch.Tensor], max_new_t
         any_live, width = torch.stack([live.any().long(), lengths.max()]).tolist()  # one read of the device a token
         if not any_live:
             break
-    ends = lengths.tolist()
-    return [buf[i, int(starts[i]) : ends[i]].tolist() for i in range(n)]
+    rows_out, begins, ends = buf.tolist(), starts.tolist(), lengths.tolist()  # one read each, not one per row
+    return [rows_out[i][begins[i] : ends[i]] for i in range(n)]
 
 
 def exact_match(model: LanguageModel, split: Split, data: TaskData, task: TaskSpec, eos_id: int | None,
