@@ -26,9 +26,10 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.
 
 # Every other dependency at the exact version of requirements.lock (what CI last tested), in its own layer so a
 # code change does not reinstall them. The lock's torch line names the CPU wheel; torch is already installed
-# above from TORCH_INDEX_URL, so it is left out here.
+# above from TORCH_INDEX_URL, so it is left out here, and so is the lock's triton (the tests' CPU copy): a CUDA
+# torch brings the triton it was built with.
 COPY requirements.lock ./
-RUN grep -v '^torch==' requirements.lock > /tmp/requirements.txt \
+RUN grep -v -e '^torch==' -e '^triton==' requirements.lock > /tmp/requirements.txt \
     && pip install --no-deps -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
