@@ -64,15 +64,12 @@ def stdlib_files(corpus: str = "stdlib") -> list[str]:
     return files
 
 
-def text_corpus(corpus: str = "stdlib") -> list[int]:
-    root = stdlib_root()
-    tok = ByteTokenizer()
-    ids: list[int] = []
-    for rel in stdlib_files(corpus):
-        ids.extend(tok.encode((root / rel).read_text(encoding="utf-8", errors="replace")))
-    return ids
-
-
 def stdlib_text(corpus: str = "stdlib") -> str:
-    """The text of ``text_corpus(corpus)`` (the held-out filter of the stdlib tasks reads it)."""
-    return ByteTokenizer().decode(text_corpus(corpus))
+    """The corpus's files, read and concatenated (the held-out filter of the stdlib tasks reads it as text)."""
+    root = stdlib_root()
+    return "".join((root / rel).read_text(encoding="utf-8", errors="replace") for rel in stdlib_files(corpus))
+
+
+def text_corpus(corpus: str = "stdlib") -> list[int]:
+    """The corpus as the embedded models' byte tokens."""
+    return ByteTokenizer().encode(stdlib_text(corpus))

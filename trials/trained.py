@@ -78,9 +78,10 @@ def task_description(cfg: TrialConfig, labels: list[str]) -> dict[str, Any]:
     checkpoint = cfg.model.checkpoint
     if checkpoint == "embedded" or checkpoint in EMBEDDED_CHECKPOINTS:
         checkpoint = embedded_name(checkpoint)  # the one trained on, whatever MAMBA_PEFT_EMBEDDED says later
+    src = source(cfg.task.name)
     return {"task_type": cfg.task.task_type, "task": cfg.task.name, "labels": labels, "pooling": cfg.model.pooling,
             # digits reads 64 pixel intensities; every other task reads text through its tokenizer
-            "inputs": source(cfg.task.name).inputs, "max_length": source(cfg.task.name).input_length(cfg.task),
+            "inputs": src.inputs, "max_length": src.input_length(cfg.task),
             "choice_scoring": cfg.task.choice_scoring, "max_new_tokens": cfg.task.max_new_tokens,
             "base_checkpoint": checkpoint, "tokenizer": cfg.model.tokenizer, "scan": cfg.model.scan}
 

@@ -83,6 +83,19 @@ def choose(mixer: str, kernel: tuple[Callable[..., Any] | None, str], blockers: 
     return None
 
 
+def for_cuda_forward(mixer: Any, kernel: Callable[..., Any] | None,
+                     probe: Callable[[], tuple[Callable[..., Any] | None, str]], blockers: Sequence[str]
+                     ) -> Callable[..., Any] | None:
+    """``choose`` for a CUDA forward of ``mixer`` (its ``scan_impl`` and class name), handed its ``kernel`` (None when
+    the mixer module withholds it) and the ``probe`` that says why a missing one is missing. ``model.scan:
+    compiled`` is the CPU kernel: an error here, not a silent torch scan."""
+    if mixer.scan_impl == "compiled":
+        raise ValueError("model.scan: 'compiled' is the CPU kernel and cannot run on CUDA; use auto (mamba-ssm's "
+                         "fused kernel where it can run) or torch")
+    missing = "" if kernel is not None else (probe()[1] or "the fused kernel is withheld")
+    return choose(type(mixer).__name__, (kernel, missing), blockers)
+
+
 def reset() -> None:
     """Start a trial's ledger (a reused Ray worker runs many trials in one process)."""
     _ledger.clear()

@@ -50,11 +50,6 @@ def _cuda_kernels() -> Any:
     return fused.mamba1_kernel()[0]
 
 
-def cuda_scan_error(scan_impl: str) -> ValueError:
-    return ValueError(f"model.scan: {scan_impl!r} is the CPU kernel and cannot run on CUDA; use auto (mamba-ssm's "
-                      "fused kernel where it can run) or torch")
-
-
 class FastMambaMixer(MambaMixer):
     scan_impl: Impl = "auto"
 
@@ -76,11 +71,7 @@ class FastMambaMixer(MambaMixer):
                                    "cached path does not apply it): generate with use_cache=False")
             seen.add(self.layer_idx)
         if hidden_states.is_cuda:
-            if self.scan_impl == "compiled":
-                raise cuda_scan_error(self.scan_impl)
-            kernel = _cuda_kernels()
-            missing = "" if kernel is not None else (fused.mamba1_kernel()[1] or "the fused kernel is withheld")
-            mamba_inner_fn = fused.choose(type(self).__name__, (kernel, missing), self.fused_blockers())
+            mamba_inner_fn = fused.for_cuda_forward(self, _cuda_kernels(), fused.mamba1_kernel, self.fused_blockers())
             if mamba_inner_fn is not None:
                 return self._fused_cuda_forward(hidden_states, attention_mask, mamba_inner_fn)
         return self._scan_forward(hidden_states, attention_mask)

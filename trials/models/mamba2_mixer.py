@@ -46,7 +46,6 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 from trials.models import fused as fused_kernels
-from trials.models.mamba1_mixer import cuda_scan_error
 from trials.models.scan import Impl, causal_conv
 from trials.models.ssd import discretize_dt, reference_scan, ssd_scan
 
@@ -112,11 +111,8 @@ class FastSSDForward(nn.Module):
                 raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): packed sequences ({packed}) are "
                                  "not supported by the project's Mamba-2 forward")
         if hidden_states.is_cuda:
-            if self.scan_impl == "compiled":
-                raise cuda_scan_error(self.scan_impl)
-            kernel = _fused_kernel()
-            missing = "" if kernel is not None else (fused_kernels.mamba2_kernel()[1] or "the fused kernel is withheld")
-            fused = fused_kernels.choose(type(self).__name__, (kernel, missing), self.fused_blockers())
+            fused = fused_kernels.for_cuda_forward(self, _fused_kernel(), fused_kernels.mamba2_kernel,
+                                                   self.fused_blockers())
             if fused is not None:
                 return self._fused_forward(hidden_states, attention_mask, fused)
         return self._ssd_forward(hidden_states, attention_mask)

@@ -184,3 +184,13 @@ def test_transformers_own_path_calls_a_hooked_projection_as_a_module_in_training
     grads = [p.grad for g in applied.param_groups(1e-3, 0.0) for p in g["params"]]
     # the hook ran in training: the adapter gets a gradient (its zero-initialised up-projection, at least)
     assert grads and all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_a_cuda_forward_with_the_cpu_kernel_asked_for_is_an_error_and_a_withheld_kernel_says_why(clean_probes):
+    mixer = types.SimpleNamespace(scan_impl="compiled")
+    with pytest.raises(ValueError, match="model.scan: 'compiled' is the CPU kernel and cannot run on CUDA"):
+        fused.for_cuda_forward(mixer, print, fused.mamba1_kernel, [])
+    mixer.scan_impl = "auto"
+    assert fused.for_cuda_forward(mixer, None, lambda: (None, "mamba-ssm cannot be imported"), []) is None
+    assert fused.kernel_label() == "torch: mamba-ssm cannot be imported"
+    assert fused.for_cuda_forward(mixer, print, lambda: (None, ""), []) is print
